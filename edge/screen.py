@@ -1,0 +1,757 @@
+#!/usr/bin/env python3
+"""Standalone LiteRT screener for backdoor-triggered images.
+
+Runs a tfbackdoor screener model (``.tflite``) on images, folders, video
+files or a camera and prints one JSON line per image or frame.  It needs only
+numpy, Pillow and ``ai-edge-litert`` (or the older ``tflite-runtime``);
+OpenCV (``opencv-python-headless``) is needed only for video and camera
+input.  TensorFlow is never imported, and nothing from ``tfbackdoor`` is.
+
+Model contract (what the tfbackdoor exporter writes):
+
+* exactly one input: ``[1, H, W, 3]`` raw RGB pixels, dtype uint8 (fed as
+  0..255) or int8 (quantized with the tensor's scale / zero point; scale 1 and
+  zero point -128 means ``p - 128``);
+* exactly one output: ``[1, 1]`` = P(poisoned), or ``[1, 2]`` = softmax
+  ``[clean, poisoned]`` (column 1 is used); float, or int8/uint8 dequantized
+  with the tensor's scale / zero point;
+* an optional sidecar ``<model>.json`` (``model.json`` or ``model.tflite.json``)
+  beside the model with ``{"threshold": t, "image_size": [H, W]}``.
+
+Command line (see ``--help`` and ``edge/README.md``)::
+
+    python edge/screen.py [--model PATH] [--threshold T] [--every N]
+        [--camera IDX] [--max-frames N] [--resize stretch|crop]
+        [--summary-only] SOURCES...
+
+Library use (repository root on ``sys.path``)::
+
+    from edge.screen import Screener, iter_sources, run
+    screener = Screener("saved_models/screener_cifar10_int8.tflite")
+    p = screener.score(rgb_uint8_hxwx3)
+    summary = run(screener, iter_sources(["photos/"]))
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, NoReturn, Optional, Sequence, TextIO, Tuple, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+PROG = "screen"
+DEFAULT_MODEL_NAME = "screener_cifar10_int8.tflite"
+DEFAULT_THRESHOLD = 0.5
+RESIZE_MODES = ("crop", "stretch")
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".gif", ".tif", ".tiff"}
+)
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
+
+#: What :func:`iter_sources` yields: a source name and either an RGB uint8
+#: ``H x W x 3`` array or the exception that made the item unreadable.
+Item = Tuple[str, Union[np.ndarray, Exception]]
+
+
+class ModelError(Exception):
+    """The model file is missing, unloadable, or not a tfbackdoor screener.
+
+    The message is one line that starts with the offending file's path.
+    """
+
+
+class UnreadableInput(Exception):
+    """An image, video or camera that cannot be read (reported and skipped)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """Return ``exc``'s message collapsed to a single line (its type name if empty)."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+# --------------------------------------------------------------------------
+# Model loading and the screener
+# --------------------------------------------------------------------------
+
+
+def default_model_path() -> Path:
+    """The default model: ``<repo>/saved_models/screener_cifar10_int8.tflite``.
+
+    Falls back to ``screener_cifar10_int8.tflite`` beside this file when only
+    that one exists (e.g. when ``edge/`` was copied to a device on its own).
+    """
+    here = Path(__file__).resolve().parent
+    in_repo = here.parent / "saved_models" / DEFAULT_MODEL_NAME
+    beside = here / DEFAULT_MODEL_NAME
+    if not in_repo.is_file() and beside.is_file():
+        return beside
+    return in_repo
+
+
+def load_interpreter_class() -> type:
+    """Return the LiteRT ``Interpreter`` class.
+
+    Prefers ``ai_edge_litert``; falls back to the legacy ``tflite_runtime``.
+    Raises :class:`ModelError` when neither package is installed.
+    """
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+        except ImportError:
+            raise ModelError(
+                "no LiteRT runtime: neither ai_edge_litert nor tflite_runtime is "
+                "installed (pip install ai-edge-litert)"
+            ) from None
+    return Interpreter
+
+
+def read_sidecar(model_path: Path) -> Tuple[Optional[Path], Dict[str, Any]]:
+    """Find and parse the optional sidecar JSON next to ``model_path``.
+
+    Looks for ``<stem>.json`` then ``<name>.json`` (e.g. ``m.json`` then
+    ``m.tflite.json``).  Returns ``(path, data)``, or ``(None, {})`` when
+    there is none.  Raises :class:`ModelError` for an unreadable or
+    malformed sidecar (a wrong threshold must not be used silently).
+    """
+    candidates = [model_path.with_suffix(".json"), model_path.with_name(model_path.name + ".json")]
+    for path in candidates:
+        if path == model_path or not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ModelError(f"{path}: unreadable sidecar JSON ({one_line(exc)})") from None
+        if not isinstance(data, dict):
+            raise ModelError(f"{path}: sidecar JSON must be an object")
+        threshold = data.get("threshold")
+        if threshold is not None and not _is_probability(threshold):
+            raise ModelError(f"{path}: sidecar threshold must be a number in [0, 1], got {threshold!r}")
+        size = data.get("image_size")
+        if size is not None and not (
+            isinstance(size, list)
+            and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+        ):
+            raise ModelError(f"{path}: sidecar image_size must be [H, W], got {size!r}")
+        return path, data
+    return None, {}
+
+
+def _is_probability(value: Any) -> bool:
+    """True when ``value`` is a real number (not a bool) within [0, 1]."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0.0 <= value <= 1.0
+    )
+
+
+def encode_pixels(pixels: np.ndarray, dtype: Any, quantization: Tuple[float, int]) -> np.ndarray:
+    """Convert uint8 RGB pixels (0..255) to the model's input dtype.
+
+    uint8 inputs take the raw pixels.  int8 inputs with scale 1 and zero
+    point -128 take ``p - 128``; other int8 inputs are quantized as
+    ``round(p / scale) + zero_point`` clipped to -128..127.
+    """
+    dtype = np.dtype(dtype)
+    if dtype == np.uint8:
+        return pixels.astype(np.uint8, copy=False)
+    if dtype != np.int8:
+        raise ValueError(f"unsupported input dtype {dtype.name}")
+    scale, zero_point = quantization
+    if scale == 1.0 and zero_point == -128:
+        return (pixels.astype(np.int16) - 128).astype(np.int8)
+    quantized = np.round(pixels.astype(np.float32) / np.float32(scale)) + zero_point
+    return np.clip(quantized, -128, 127).astype(np.int8)
+
+
+def decode_score(output: np.ndarray, quantization: Tuple[float, int]) -> float:
+    """P(poisoned) from a ``[1, 1]`` or ``[1, 2]`` output tensor.
+
+    The last column is used (column 1 of a ``[clean, poisoned]`` softmax);
+    integer outputs are dequantized as ``(q - zero_point) * scale``.
+    """
+    raw = output[0, -1]
+    if np.issubdtype(output.dtype, np.integer):
+        scale, zero_point = quantization
+        return (float(raw) - zero_point) * scale
+    return float(raw)
+
+
+def to_rgb_array(img: Union[np.ndarray, Image.Image]) -> np.ndarray:
+    """Return ``img`` as a C-contiguous ``H x W x 3`` uint8 RGB array.
+
+    Accepts a Pillow image of any mode (16-bit greyscale is scaled down, not
+    clipped; alpha is dropped) or a uint8 array that is ``H x W`` (grey),
+    ``H x W x 1``, ``H x W x 3`` (RGB) or ``H x W x 4`` (RGBA).
+    """
+    if isinstance(img, Image.Image):
+        if img.mode == "I" or img.mode.startswith("I;16"):
+            grey = np.asarray(img).astype(np.int64) >> 8
+            img = Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
+        elif img.mode == "P":
+            img = img.convert("RGBA")  # avoids Pillow's palette-transparency warning
+        arr = np.asarray(img.convert("RGB"))
+    else:
+        arr = np.asarray(img)
+        if arr.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 image array, got dtype {arr.dtype}")
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise ValueError(f"expected an H x W x 3 image array, got shape {arr.shape}")
+        if arr.shape[2] == 1:
+            arr = np.repeat(arr, 3, axis=2)
+        elif arr.shape[2] == 4:
+            arr = arr[:, :, :3]
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"empty image (shape {arr.shape})")
+    return np.ascontiguousarray(arr)
+
+
+def centre_crop_box(width: int, height: int, aspect: float) -> Tuple[float, float, float, float]:
+    """The largest centred box of ``width x height`` whose width/height is ``aspect``."""
+    if width / height > aspect:
+        new_width = height * aspect
+        left = (width - new_width) / 2.0
+        return (left, 0.0, left + new_width, float(height))
+    new_height = width / aspect
+    top = (height - new_height) / 2.0
+    return (0.0, top, float(width), top + new_height)
+
+
+class Screener:
+    """A loaded tfbackdoor screener model.
+
+    Args:
+        model_path: path to the ``.tflite`` file.
+        threshold: score at or above which an image is ``"poisoned"``;
+            ``None`` takes the sidecar's threshold, else 0.5.
+        num_threads: LiteRT CPU threads (``None`` = runtime default).
+        resize: ``"crop"`` (centre-crop to the model's aspect, then resize)
+            or ``"stretch"`` (resize without cropping).
+
+    Raises:
+        ModelError: missing file, unloadable model, a model that does not
+            fit the screener contract, or a bad sidecar.
+        ValueError: a bad ``threshold``, ``num_threads`` or ``resize``.
+
+    Attributes:
+        model_path, threshold, resize, sidecar_path (or None),
+        input_size ``(H, W)``, input_dtype, output_shape.
+    """
+
+    def __init__(
+        self,
+        model_path: Union[str, os.PathLike],
+        threshold: Optional[float] = None,
+        num_threads: Optional[int] = None,
+        resize: str = "crop",
+    ) -> None:
+        if threshold is not None and not _is_probability(threshold):
+            raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+        self.model_path = Path(model_path)
+        self.resize = resize
+        self._interpreter = self._load(num_threads)
+        self._check_contract()
+        self.sidecar_path, sidecar = read_sidecar(self.model_path)
+        size = sidecar.get("image_size")
+        if size is not None and tuple(size) != self.input_size:
+            raise ModelError(
+                f"{self.sidecar_path}: image_size {list(size)} does not match the model "
+                f"input {list(self.input_size)}"
+            )
+        if threshold is None:
+            threshold = sidecar.get("threshold", DEFAULT_THRESHOLD)
+        self.threshold = float(threshold)
+        self._warm_up()
+
+    def _not_a_screener(self, reason: str) -> ModelError:
+        return ModelError(f"{self.model_path}: not a tfbackdoor screener ({reason})")
+
+    def _load(self, num_threads: Optional[int]) -> Any:
+        """Create and allocate the interpreter, mapping failures to ModelError."""
+        path = self.model_path
+        if not path.exists():
+            raise ModelError(f"{path}: model file not found")
+        if path.is_dir():
+            raise ModelError(f"{path}: is a directory, not a .tflite model file")
+        interpreter_class = load_interpreter_class()
+        try:
+            interpreter = interpreter_class(model_path=str(path), num_threads=num_threads)
+            interpreter.allocate_tensors()
+        except Exception as exc:  # the runtime raises ValueError/RuntimeError
+            raise self._not_a_screener(f"cannot load as a TFLite model: {one_line(exc)}") from None
+        return interpreter
+
+    def _check_contract(self) -> None:
+        """Validate input/output tensors against the screener contract."""
+        inputs = self._interpreter.get_input_details()
+        outputs = self._interpreter.get_output_details()
+        if len(inputs) != 1:
+            raise self._not_a_screener(f"expected 1 input tensor, found {len(inputs)}")
+        if len(outputs) != 1:
+            raise self._not_a_screener(f"expected 1 output tensor, found {len(outputs)}")
+        inp, out = inputs[0], outputs[0]
+        shape = [int(v) for v in inp["shape"]]
+        signature = [int(v) for v in inp.get("shape_signature", inp["shape"])]
+        if len(shape) != 4 or shape[0] != 1 or shape[3] != 3:
+            raise self._not_a_screener(f"input shape {shape}, expected [1, H, W, 3]")
+        if len(signature) == 4 and (signature[1] < 0 or signature[2] < 0):
+            raise self._not_a_screener(f"input shape {signature} has a dynamic height/width")
+        in_dtype = np.dtype(inp["dtype"])
+        if in_dtype not in (np.uint8, np.int8):
+            raise self._not_a_screener(f"input dtype {in_dtype.name}, expected uint8 or int8")
+        if in_dtype == np.int8 and not inp["quantization"][0] > 0:
+            raise self._not_a_screener("int8 input without quantization parameters")
+        out_shape = [int(v) for v in out["shape"]]
+        if out_shape not in ([1, 1], [1, 2]):
+            raise self._not_a_screener(f"output shape {out_shape}, expected [1, 1] or [1, 2]")
+        out_dtype = np.dtype(out["dtype"])
+        if out_dtype in (np.int8, np.uint8):
+            if not out["quantization"][0] > 0:
+                raise self._not_a_screener(f"{out_dtype.name} output without quantization parameters")
+        elif not np.issubdtype(out_dtype, np.floating):
+            raise self._not_a_screener(f"output dtype {out_dtype.name}, expected float, int8 or uint8")
+
+        self.input_size: Tuple[int, int] = (shape[1], shape[2])
+        self.input_dtype = in_dtype
+        self.output_shape = tuple(out_shape)
+        self._input_index = inp["index"]
+        self._input_quant = tuple(inp["quantization"])
+        self._output_index = out["index"]
+        self._output_quant = tuple(out["quantization"])
+
+    def _warm_up(self) -> None:
+        """Run one dummy inference so the first real latency is representative."""
+        height, width = self.input_size
+        blank = np.zeros((height, width, 3), np.uint8)
+        try:
+            self._interpreter.set_tensor(self._input_index, self.preprocess(blank))
+            self._interpreter.invoke()
+        except Exception as exc:
+            raise self._not_a_screener(f"test inference failed: {one_line(exc)}") from None
+
+    def preprocess(self, img: Union[np.ndarray, Image.Image]) -> np.ndarray:
+        """Turn an RGB image into the model's input tensor ``[1, H, W, 3]``.
+
+        ``img`` is anything :func:`to_rgb_array` accepts.  It is centre-cropped
+        to the model's aspect (``resize="crop"``) or not (``"stretch"``), then
+        resized to ``H x W`` with Pillow bilinear, then encoded for the input
+        dtype with :func:`encode_pixels`.
+        """
+        rgb = to_rgb_array(img)
+        height, width = self.input_size
+        if rgb.shape[:2] != (height, width):
+            box = None
+            if self.resize == "crop":
+                box = centre_crop_box(rgb.shape[1], rgb.shape[0], width / height)
+            resized = Image.fromarray(rgb).resize((width, height), Image.BILINEAR, box=box)
+            rgb = np.asarray(resized)
+        return encode_pixels(rgb[None], self.input_dtype, self._input_quant)
+
+    def score_timed(self, img: Union[np.ndarray, Image.Image]) -> Tuple[float, float]:
+        """Return ``(P(poisoned), latency_ms)``; latency covers preprocess + invoke.
+
+        Raises ValueError when the model returns a non-finite score.
+        """
+        start = time.perf_counter()
+        self._interpreter.set_tensor(self._input_index, self.preprocess(img))
+        self._interpreter.invoke()
+        output = self._interpreter.get_tensor(self._output_index)
+        latency_ms = (time.perf_counter() - start) * 1000.0
+        value = decode_score(output, self._output_quant)
+        if not math.isfinite(value):
+            raise ValueError(f"model returned a non-finite score ({value})")
+        return value, latency_ms
+
+    def score(self, img: Union[np.ndarray, Image.Image]) -> float:
+        """P(poisoned) for an RGB uint8 ``H x W x 3`` image (any size)."""
+        return self.score_timed(img)[0]
+
+    def verdict(self, score: float) -> str:
+        """``"poisoned"`` when ``score >= threshold``, else ``"clean"``."""
+        return "poisoned" if score >= self.threshold else "clean"
+
+
+# --------------------------------------------------------------------------
+# Sources: images, folders, videos, camera
+# --------------------------------------------------------------------------
+
+
+def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
+    """Decode an image file fully into an RGB uint8 array.
+
+    EXIF orientation is applied; animated images give their first frame.
+    Raises :class:`UnreadableInput` for missing, non-image or truncated files.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb_array(ImageOps.exif_transpose(img))
+    except FileNotFoundError:
+        raise UnreadableInput("no such file") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnreadableInput(f"not a readable image: {one_line(exc)}") from None
+
+
+def iter_image_files(folder: Union[str, os.PathLike]) -> Iterator[str]:
+    """Image files under ``folder``, recursively, in sorted order.
+
+    Matches :data:`IMAGE_EXTENSIONS` case-insensitively and skips hidden
+    files and folders (names starting with ``.``, e.g. macOS ``._x.jpg``).
+    """
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                yield os.path.join(root, name)
+
+
+def _require_cv2() -> Any:
+    """Import OpenCV lazily; raise UnreadableInput with an install hint if absent."""
+    try:
+        import cv2
+    except ImportError:
+        raise UnreadableInput(
+            "video and camera input need OpenCV (pip install opencv-python-headless)"
+        ) from None
+    return cv2
+
+
+def open_capture(target: Union[str, int], is_camera: bool = False) -> Any:
+    """Open a ``cv2.VideoCapture`` for a video file, camera index, device or URL.
+
+    A string containing ``!`` is taken as a GStreamer pipeline (e.g. a
+    Jetson CSI camera).  Raises :class:`UnreadableInput` if it won't open.
+    """
+    cv2 = _require_cv2()
+    if isinstance(target, str) and "!" in target:
+        capture = cv2.VideoCapture(target, cv2.CAP_GSTREAMER)
+    else:
+        capture = cv2.VideoCapture(target)
+    if not capture.isOpened():
+        capture.release()
+        if is_camera:
+            raise UnreadableInput("cannot open camera (no such device, or it is busy)")
+        raise UnreadableInput("cannot open video (unsupported codec or corrupt file)")
+    return capture
+
+
+def _bgr_to_rgb(frame: np.ndarray) -> np.ndarray:
+    """OpenCV BGR(A)/grey frame -> RGB array (grey stays 2-D for to_rgb_array)."""
+    if frame.ndim == 3 and frame.shape[2] >= 3:
+        return np.ascontiguousarray(frame[:, :, 2::-1])
+    return frame
+
+
+def iter_frames(
+    capture: Any, prefix: str, every: int = 1, max_frames: Optional[int] = None
+) -> Iterator[Item]:
+    """Yield ``("<prefix>#frame=<i>", rgb)`` for every ``every``-th frame.
+
+    Frame indices count from 0 over all frames read; skipped frames are only
+    grabbed, not decoded.  Stops at the end of the stream, after
+    ``max_frames`` processed frames, or on a read failure (yielded as an
+    error item).  Releases ``capture`` when done.  The generator's return
+    value is the number of frames yielded.
+    """
+    processed = index = 0
+    try:
+        while max_frames is None or processed < max_frames:
+            try:
+                if index % every == 0:
+                    ok, frame = capture.read()
+                    if not ok or frame is None:
+                        break
+                    processed += 1
+                    yield f"{prefix}#frame={index}", _bgr_to_rgb(frame)
+                elif not capture.grab():
+                    break
+            except Exception as exc:  # cv2.error from a broken stream
+                yield f"{prefix}#frame={index}", UnreadableInput(f"frame read failed: {one_line(exc)}")
+                break
+            index += 1
+    finally:
+        capture.release()
+    return processed
+
+
+def _iter_stream(
+    target: Union[str, int], prefix: str, every: int, max_frames: Optional[int], is_camera: bool
+) -> Iterator[Item]:
+    """Frames of one video file or camera, with open/empty failures as error items."""
+    try:
+        capture = open_capture(target, is_camera)
+    except UnreadableInput as exc:
+        yield prefix, exc
+        return
+    delivered = yield from iter_frames(capture, prefix, every, max_frames)
+    if delivered == 0:
+        yield prefix, UnreadableInput("no frames could be read")
+    elif is_camera and (max_frames is None or delivered < max_frames):
+        print(f"{PROG}: {prefix}: camera stopped delivering frames", file=sys.stderr)
+
+
+def _camera_target(camera: Union[str, int]) -> Union[str, int]:
+    """``"0"`` -> camera index 0; anything else (device path, URL, pipeline) as is."""
+    if isinstance(camera, str) and camera.strip().isdigit():
+        return int(camera)
+    return camera
+
+
+def iter_sources(
+    sources: Iterable[Union[str, os.PathLike]],
+    every: int = 1,
+    camera: Optional[Union[str, int]] = None,
+    max_frames: Optional[int] = None,
+) -> Iterator[Item]:
+    """Yield ``(source_name, rgb_uint8_hxwx3 or Exception)`` for all inputs.
+
+    Args:
+        sources: image files, folders (searched recursively for
+            :data:`IMAGE_EXTENSIONS`) and video files (:data:`VIDEO_EXTENSIONS`,
+            read with OpenCV).  A file with any other extension is tried as
+            an image.
+        every: process every N-th frame of videos and the camera.
+        camera: camera index (``0``), device path, URL or GStreamer
+            pipeline, read after all ``sources``; ``None`` for no camera.
+        max_frames: at most this many processed frames per video / camera.
+
+    Names are the path for images, ``"path#frame=12"`` for video frames and
+    ``"camera:0#frame=3"`` for camera frames.  Unreadable items are yielded
+    with an exception instead of an array so the caller can report and skip.
+    """
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    for source in sources:
+        name = os.fspath(source)
+        if os.path.isdir(name):
+            for path in iter_image_files(name):
+                yield _load_item(path)
+        elif not os.path.exists(name):
+            yield name, UnreadableInput("no such file or directory")
+        elif os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS:
+            yield from _iter_stream(name, name, every, max_frames, is_camera=False)
+        else:
+            yield _load_item(name)
+    if camera is not None:
+        yield from _iter_stream(_camera_target(camera), f"camera:{camera}", every, max_frames, is_camera=True)
+
+
+def _load_item(path: str) -> Item:
+    """One image file as an item: ``(path, decoded array or the error)``."""
+    try:
+        return path, load_image(path)
+    except UnreadableInput as exc:
+        return path, exc
+
+
+# --------------------------------------------------------------------------
+# Running and reporting
+# --------------------------------------------------------------------------
+
+
+def _emit(out: TextIO, record: Dict[str, Any]) -> None:
+    """Write one JSON line and flush (so pipes and camera runs stream)."""
+    out.write(json.dumps(record) + "\n")
+    out.flush()
+
+
+def run(
+    screener: Screener,
+    items: Iterable[Item],
+    out: Optional[TextIO] = None,
+    err: Optional[TextIO] = None,
+    per_item: bool = True,
+) -> Dict[str, Any]:
+    """Score ``items`` and print JSON lines; return the summary dict.
+
+    For each ``(source, rgb or Exception)`` prints to ``out`` (default
+    ``sys.stdout``) either ``{"source", "score", "verdict", "latency_ms"}``
+    or ``{"source", "error"}`` (the error also goes to ``err``, default
+    ``sys.stderr``, as one line).  ``per_item=False`` prints only the
+    summary.  Ctrl-C (KeyboardInterrupt) stops early; the summary line
+    ``{"summary": {...}}`` is always printed and returned (without the
+    ``"summary"`` wrapper): keys ``n`` (images/frames scored), ``poisoned``,
+    ``clean``, ``errors``, ``mean_latency_ms`` (None if n == 0), ``threshold``.
+    """
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    counts = {"poisoned": 0, "clean": 0}
+    errors = 0
+    total_latency = 0.0
+    try:
+        for source, item in items:
+            if not isinstance(item, Exception):
+                try:
+                    score, latency_ms = screener.score_timed(item)
+                except Exception as exc:
+                    item = exc
+            if isinstance(item, Exception):
+                errors += 1
+                reason = one_line(item)
+                print(f"{PROG}: {source}: {reason}", file=err, flush=True)
+                if per_item:
+                    _emit(out, {"source": source, "error": reason})
+                continue
+            verdict = screener.verdict(score)
+            counts[verdict] += 1
+            total_latency += latency_ms
+            if per_item:
+                _emit(out, {
+                    "source": source,
+                    "score": round(score, 6),
+                    "verdict": verdict,
+                    "latency_ms": round(latency_ms, 3),
+                })
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted, stopping", file=err, flush=True)
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()  # releases an open video/camera held by a generator
+    n = counts["poisoned"] + counts["clean"]
+    summary = {
+        "n": n,
+        "poisoned": counts["poisoned"],
+        "clean": counts["clean"],
+        "errors": errors,
+        "mean_latency_ms": round(total_latency / n, 3) if n else None,
+        "threshold": screener.threshold,
+    }
+    _emit(out, {"summary": summary})
+    return summary
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line on stderr, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: usage error: {message} (see --help)\n")
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not _is_probability(value):
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``screen.py`` argument parser."""
+    parser = _Parser(
+        prog="screen.py",
+        description="Screen images, folders, videos or a camera for backdoor triggers "
+        "with a tfbackdoor LiteRT model. Prints one JSON line per image/frame, then a summary.",
+        epilog="Exit codes: 0 done (even with poisoned or skipped items); "
+        "2 usage or model error.",
+    )
+    parser.add_argument("sources", nargs="*", metavar="SOURCES",
+                        help="image files, folders (recursive), video files (mp4/avi/mov/mkv/webm)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help=f"screener .tflite (default: saved_models/{DEFAULT_MODEL_NAME} "
+                        "in the repository, or beside screen.py)")
+    parser.add_argument("--threshold", type=_probability, default=None,
+                        help="poisoned if score >= T (default: the model's sidecar JSON, else 0.5)")
+    parser.add_argument("--every", type=_positive_int, default=1, metavar="N",
+                        help="process every N-th video/camera frame (default 1)")
+    parser.add_argument("--camera", default=None, metavar="IDX",
+                        help="also read a camera: index (0), device path, URL or GStreamer pipeline")
+    parser.add_argument("--max-frames", type=_positive_int, default=None, metavar="N",
+                        help="at most N processed frames per video/camera")
+    parser.add_argument("--resize", choices=RESIZE_MODES, default="crop",
+                        help="crop: centre-crop to the model aspect then resize (default); "
+                        "stretch: resize only")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="LiteRT CPU threads (default: runtime's choice)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="print only the summary line (errors still go to stderr)")
+    return parser
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (e.g. ``systemctl stop``) like Ctrl-C while running."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not in the main thread / unsupported
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit code (0 done, 2 usage/model error)."""
+    args = build_parser().parse_args(argv)
+    if not args.sources and args.camera is None:
+        print(f"{PROG}: no sources given (pass image/video files, folders or --camera IDX)",
+              file=sys.stderr)
+        return 2
+    model_path = args.model if args.model is not None else default_model_path()
+    try:
+        screener = Screener(model_path, threshold=args.threshold,
+                            num_threads=args.threads, resize=args.resize)
+    except ModelError as exc:
+        hint = " (the default model; pass --model PATH)" if args.model is None else ""
+        print(f"{PROG}: {exc}{hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted while loading the model", file=sys.stderr)
+        return 130
+    items = iter_sources(args.sources, every=args.every, camera=args.camera,
+                         max_frames=args.max_frames)
+    try:
+        with _sigterm_as_interrupt():
+            run(screener, items, per_item=not args.summary_only)
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, as Python's docs advise.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Spectrum analysis (paper Section 3, Figure 1), figures, JSON output and the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .frequency import SpectrumStats
+
+
+def write_json(obj, path):
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def spectrum_stats(x, trigs, batch_size=500) -> dict:
+    """Streaming spectrum statistics of clean ``x`` (uint8 N,H,W,3) and of each triggered copy.
+
+    Returns ``{"clean": stats, trigger.name: stats, ...}`` with the dict of
+    :meth:`tfbackdoor.frequency.SpectrumStats.result`.
+    """
+    sets = {"clean": (SpectrumStats(), None)}
+    for t in trigs:
+        sets[t.name] = (SpectrumStats(), t)
+    for i in range(0, len(x), batch_size):
+        batch = x[i:i + batch_size]
+        for acc, t in sets.values():
+            acc.update(batch if t is None else t(batch))
+    return {k: acc.result() for k, (acc, _) in sets.items()}
+
+
+def _save_figure(fig, out):
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=out.suffix or ".png", dir=out.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def plot_spectra(stats: dict, out, title=""):
+    """Heatmaps of the mean log10 |DCT| spectra on one shared colour scale, labelled with HF ratios."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(stats)
+    cols = min(len(names), 5)
+    rows = (len(names) + cols - 1) // cols
+    vmin = min(float(stats[k]["mean_log_spectrum"].min()) for k in names)
+    vmax = max(float(stats[k]["mean_log_spectrum"].max()) for k in names)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 3.1 * rows + 0.4), squeeze=False)
+    im = None
+    for ax, k in zip(axes.flat, names):
+        im = ax.imshow(stats[k]["mean_log_spectrum"], cmap="viridis", vmin=vmin, vmax=vmax)
+        ax.set_title(f"{k}\nHF ratio {stats[k]['hf_ratio']:.4f}", fontsize=9)
+        ax.set_xlabel("horizontal freq v", fontsize=7)
+        ax.set_ylabel("vertical freq u", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="mean log10(|DCT| + 1)")
+    if title:
+        fig.suptitle(f"Mean DCT spectrum: {title}", fontsize=11)
+    _save_figure(fig, out)
+    plt.close(fig)
+
+
+def sample_images(n=64, size=32, seed=0) -> np.ndarray:
+    """Built-in natural sample images: random crops of matplotlib's bundled ``grace_hopper.jpg``,
+    downscaled to ``size`` (antialiased, which also removes the source's JPEG blocks)."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        photo = Image.open(f).convert("RGB")
+    rng = np.random.default_rng(seed)
+    w, h = photo.size
+    out = []
+    for _ in range(n):
+        side = int(rng.integers(min(w, h) // 6, min(w, h) // 2))
+        left, top = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+        crop = photo.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+        out.append(np.asarray(crop, np.uint8))
+    return np.stack(out)
+
+
+def demo(out, echo=print):
+    """Spectra of built-in sample images, clean and with the built-in triggers; writes a heatmap PNG."""
+    from . import triggers
+
+    x = sample_images()
+    trigs = triggers.expand("builtin")
+    stats = spectrum_stats(x, trigs)
+    plot_spectra(stats, out, title="built-in samples (matplotlib's grace_hopper.jpg crops)")
+    echo(f"{'set':<12} high-frequency energy ratio")
+    for k, v in stats.items():
+        echo(f"{k:<12} {v['hf_ratio']:.4f}")
+    echo(f"wrote {out}")
+    return stats

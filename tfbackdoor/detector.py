@@ -1,0 +1,442 @@
+"""The frequency-domain backdoor-data detector: data pipeline, training, fine-tuning, scoring,
+evaluation and scanning (paper Section 4).
+
+Training data (``training_dataset``): every epoch each clean image appears once as "clean" and
+once with ONE random manipulation (:class:`tfbackdoor.perturb.RandomManipulation`) as "poisoned";
+before the split every image goes through random benign processing
+(:class:`tfbackdoor.perturb.BenignProcessing`: JPEG re-encoding, brightness/contrast, blur,
+resizing), so both sides carry the same codec artifacts and only the manipulation separates
+them. Inputs then go through :func:`tfbackdoor.frequency.dct2d` inside the pipeline.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from . import data as data_mod
+from . import metrics, models, perturb, triggers
+from .errors import TfbdError
+from .frequency import dct2d
+
+DEFAULT_DETECTOR = Path(__file__).resolve().parent.parent / "saved_models" / "detector_cifar10.keras"
+
+
+# ----------------------------------------------------------------------------------- inputs
+
+def to_inputs(images, domain="dct"):
+    """uint8 ``(N, H, W, 3)`` images -> float model inputs (DCT of 0..255 values, or 0..255 pixels)."""
+    x = tf.cast(images, tf.float32)
+    return dct2d(x) if domain == "dct" else x
+
+
+def training_dataset(x, batch_size=64, seed=0, domain="dct", benign=None, manipulation=None,
+                     repeat=1, extra_poison=None):
+    """The balanced clean/manipulated ``tf.data`` pipeline for one epoch of detector training.
+
+    Args:
+      x: uint8 ``(N, H, W, 3)`` clean images (numpy).
+      batch_size: clean images per batch; each batch holds ``2 * batch_size`` inputs.
+      seed: base seed; the random draws differ per epoch and per batch but are reproducible.
+      domain: ``"dct"`` or ``"image"``.
+      benign: a :class:`~tfbackdoor.perturb.BenignProcessing` (``None``: the default one;
+        ``False``: none).
+      manipulation: a :class:`~tfbackdoor.perturb.RandomManipulation` (default: all five).
+      repeat: pass over ``x`` this many times per epoch (for tiny fine-tuning sets).
+      extra_poison: optional trigger (callable on uint8 batches) applied to the poisoned half
+        instead of a random manipulation for half of the batches' poisoned samples (used by the
+        smooth-trigger defense upgrade).
+
+    Yields ``(inputs float32 (2B, H, W, 3), labels int32 (2B,))`` with label 1 = poisoned.
+    """
+    benign = perturb.BenignProcessing(seed=seed) if benign is None else benign
+    manipulation = manipulation or perturb.RandomManipulation(seed=seed)
+    n = len(x)
+    ds = tf.data.Dataset.from_tensor_slices(x)
+    if repeat > 1:
+        ds = ds.repeat(repeat)
+    ds = ds.shuffle(min(n * repeat, 50000), seed=seed, reshuffle_each_iteration=True)
+    # Per-element random seeds that change every epoch (rerandomize_each_iteration).
+    rnd = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
+    ds = tf.data.Dataset.zip((ds, rnd))
+    if benign:
+        ds = ds.map(lambda img, r: (benign(img, tf.stack([r, tf.constant(seed, tf.int64)])), r),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=False)
+
+    def make_pairs(imgs, r):
+        s = tf.stack([r[0], tf.constant(seed + 1, tf.int64)])
+        poisoned = manipulation(imgs, s)
+        if extra_poison is not None:
+            trig = extra_poison(imgs)
+            use = tf.random.stateless_uniform([tf.shape(imgs)[0], 1, 1, 1], s + 7) < 0.5
+            poisoned = tf.where(use, trig, poisoned)
+        both = tf.concat([imgs, poisoned], 0)
+        labels = tf.concat([tf.zeros([tf.shape(imgs)[0]], tf.int32), tf.ones([tf.shape(imgs)[0]], tf.int32)], 0)
+        return to_inputs(both, domain), labels
+
+    return ds.map(make_pairs, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+# ------------------------------------------------------------------------------- the model
+
+def build(arch="cnn6", image_size=32, domain="dct", threshold=0.5, info=None) -> keras.Model:
+    """A fresh detector: the architecture's softmax output wrapped by a :class:`DetectorSpec`."""
+    if arch not in models.ARCHS:
+        raise TfbdError(f"unknown architecture '{arch}' (known: {', '.join(models.ARCHS)})")
+    if domain not in ("dct", "image"):
+        raise TfbdError(f"unknown domain '{domain}' (known: dct, image)")
+    core = models.ARCHS[arch](image_size=image_size)
+    out = models.DetectorSpec(domain, arch, image_size, threshold, info, name="detector_spec")(core.output)
+    return keras.Model(core.input, out, name=f"tfbd_{arch}_{domain}")
+
+
+def spec_of(model) -> models.DetectorSpec:
+    for layer in model.layers:
+        if isinstance(layer, models.DetectorSpec):
+            return layer
+    raise TfbdError(f"model '{model.name}' is not a tfbackdoor detector (no DetectorSpec layer)")
+
+
+def load(path=None) -> keras.Model:
+    """Load a detector ``.keras`` file in Keras safe mode (default: the shipped CIFAR-10 detector)."""
+    path = Path(path) if path else DEFAULT_DETECTOR
+    if not path.is_file():
+        hint = " (the shipped detector is missing: pass --detector PATH)" if path == DEFAULT_DETECTOR else ""
+        raise TfbdError(f"detector file not found: {path}{hint}")
+    try:
+        model = keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as e:
+        raise TfbdError(f"{path}: cannot load as a Keras model ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    try:
+        spec_of(model)
+    except TfbdError:
+        raise TfbdError(f"{path}: not a tfbackdoor detector (no DetectorSpec layer; train one with tfbd train-detector)") from None
+    return model
+
+
+def save(model, path):
+    """Save atomically: write to a temporary file beside ``path`` then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=path.parent)
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def adapt_normalization(model, x, domain, n=4096, seed=0):
+    """Set the input ``Normalization`` statistics from clean (benign-processed) training inputs."""
+    try:
+        norm = model.get_layer("input_norm")
+    except ValueError:
+        return
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(x), size=min(n, len(x)), replace=False)
+    benign = perturb.BenignProcessing(seed=seed)
+    ds = tf.data.Dataset.from_tensor_slices(x[idx]).enumerate()
+    ds = ds.map(lambda i, img: benign(img, tf.stack([i, tf.constant(seed, tf.int64)])), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(256).map(lambda b: to_inputs(b, domain))
+    norm.adapt(ds)
+
+
+def make_strategy(name="default"):
+    """A ``tf.distribute`` strategy: ``default`` (one device), ``mirrored`` (all local devices:
+    GPUs, or the logical CPUs set with ``$TFBD_LOGICAL_CPUS``), ``multiworker`` (``$TF_CONFIG``)."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        gpus = tf.config.list_logical_devices("GPU")
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise TfbdError(f"unknown strategy '{name}' (known: default, mirrored, multiworker)")
+
+
+def configure_logical_cpus(n: int | None = None):
+    """Split the CPU into ``n`` logical devices (default ``$TFBD_LOGICAL_CPUS``); call before TF runs ops."""
+    n = n or int(os.environ.get("TFBD_LOGICAL_CPUS", "0") or 0)
+    if n > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
+        except RuntimeError:
+            pass  # already initialised
+
+
+def _compile(model, lr):
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+
+def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_size=None, strategy="default",
+          log_dir=None, seed=0, lr=1e-3, benign=True, info=None, verbose=1, val_x=None, model=None,
+          extra_poison=None):
+    """Train a detector on clean uint8 images ``x`` and save it to ``out`` (atomically).
+
+    Checkpoints go to ``OUT.ckpt/`` (resume: rerun the same command; Keras ``BackupAndRestore``
+    restores the last finished epoch). ``log_dir`` adds a TensorBoard log. Returns the model.
+    """
+    keras.utils.set_random_seed(seed)
+    image_size = image_size or x.shape[1]
+    out = Path(out)
+    ckpt_dir = Path(str(out) + ".ckpt")
+    strat = make_strategy(strategy)
+    with strat.scope():
+        if model is None:
+            model = build(arch, image_size, domain, info=info)
+            adapt_normalization(model, x, domain, seed=seed)
+        _compile(model, lr)
+    train_ds = training_dataset(x, batch_size, seed, domain, None if benign else False, extra_poison=extra_poison)
+    callbacks = [keras.callbacks.BackupAndRestore(str(ckpt_dir / "backup"))]
+    val_ds = None
+    if val_x is not None:
+        val_ds = training_dataset(val_x, batch_size, seed + 99, domain, None if benign else False)
+    if log_dir:
+        callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir)))
+    model.fit(train_ds, epochs=epochs, callbacks=callbacks, validation_data=val_ds, verbose=verbose)
+    save(model, out)
+    return model
+
+
+def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr=1e-4, seed=0,
+             source_spec=None, sample_ids=None, verbose=1):
+    """Fine-tune ``model`` on ``samples`` clean images of a new distribution (paper Tables 2-4).
+
+    The clean samples are doubled with random manipulations (the training pipeline with
+    ``repeat`` passes per epoch). The ids of the samples used are stored in the model's
+    :class:`DetectorSpec` (``info["exclude"]``) so :func:`evaluate_dataset` leaves them out.
+    """
+    spec = spec_of(model)
+    keras.utils.set_random_seed(seed)
+    _compile(model, lr)
+    ds = training_dataset(x, batch_size, seed, spec.domain, None, repeat=repeat)
+    model.fit(ds, epochs=epochs, verbose=verbose)
+    if source_spec and sample_ids is not None:
+        excl = dict(spec.info.get("exclude", {}))
+        excl[source_spec] = sorted(set(excl.get(source_spec, [])) | set(sample_ids))
+        spec.info = {**spec.info, "exclude": excl}
+    save(model, out)
+    return model
+
+
+# ------------------------------------------------------------------------------- scoring
+
+def score(model, images, batch_size=256) -> np.ndarray:
+    """P(poisoned) for uint8 images ``(N, H, W, 3)`` (numpy or tensor) -> float ``(N,)``."""
+    spec = spec_of(model)
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1:] != (spec.image_size, spec.image_size, 3):
+        raise TfbdError(f"detector expects images of shape (N, {spec.image_size}, {spec.image_size}, 3), got {images.shape}")
+    ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).map(lambda b: to_inputs(b, spec.domain))
+    out = [model(b, training=False).numpy()[:, 1] for b in ds]
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def _exclusions(model, spec_str):
+    excl = spec_of(model).info.get("exclude", {})
+    return set(excl.get(spec_str, []))
+
+
+def load_eval_images(model, dataset, limit=None, seed=0):
+    """Images of ``dataset`` at the detector's size, minus any it was fine-tuned on (numpy)."""
+    spec = spec_of(model)
+    ds = data_mod.load(dataset, image_size=spec.image_size, with_ids=True, limit=limit, seed=seed)
+    xs, ids = [], []
+    for bx, _, bi in ds.batch(1024).as_numpy_iterator():
+        xs.append(bx)
+        ids.extend(i.decode() for i in bi)
+    if not xs:
+        raise TfbdError(f"{dataset}: no readable images")
+    x = np.concatenate(xs)
+    excluded = _exclusions(model, dataset)
+    if excluded:
+        keep = np.asarray([i not in excluded for i in ids])
+        x = x[keep]
+    return x
+
+
+def evaluate_images(model, x, attacks, threshold=None, benign_variants=()) -> list:
+    """One report per attack (see :func:`tfbackdoor.metrics.detection_report`) on clean ``x``.
+
+    ``benign_variants`` (names from :data:`tfbackdoor.perturb.BENIGN_VARIANTS`) add rows whose
+    "poisoned" side is benign processing: their ``fpr`` is the clean flag rate and their ``bdr``
+    the flag rate of the processed images (a false-positive rate too, lower is better).
+    """
+    spec = spec_of(model)
+    thr = spec.threshold if threshold is None else threshold
+    clean = score(model, x)
+    rows = [{"attack": "clean", "acc": round(100 - metrics.flag_rate(clean, thr), 2), "bdr": None,
+             "fpr": round(metrics.flag_rate(clean, thr), 2), "auroc": None, "n": int(len(x))}]
+    for t in attacks:
+        trig = np.concatenate([t(x[i:i + 1024]).numpy() for i in range(0, len(x), 1024)])
+        rows.append(metrics.detection_report(t.name, clean, score(model, trig), thr))
+    for name in benign_variants:
+        fn = perturb.BENIGN_VARIANTS.get(name)
+        if fn is None:
+            raise TfbdError(f"unknown benign variant '{name}' (known: {', '.join(perturb.BENIGN_VARIANTS)})")
+        proc = np.concatenate([fn(x[i:i + 1024]).numpy() for i in range(0, len(x), 1024)])
+        s = score(model, proc)
+        rows.append({"attack": f"benign:{name}", "acc": None, "bdr": None, "fpr": round(metrics.flag_rate(s, thr), 2),
+                     "auroc": None, "n": int(len(x))})
+    return rows
+
+
+def evaluate_dataset(model, dataset, attacks="all", limit=None, seed=0, threshold=None, trigger_dir=None,
+                     benign_variants=()) -> list:
+    spec = spec_of(model)
+    x = load_eval_images(model, dataset, limit, seed)
+    trigs = triggers.expand(attacks, spec.image_size, trigger_dir) if isinstance(attacks, str) else attacks
+    return evaluate_images(model, x, trigs, threshold, benign_variants)
+
+
+def evaluate_sets(model, clean_spec, poisoned_spec, threshold=None) -> list:
+    spec = spec_of(model)
+    thr = spec.threshold if threshold is None else threshold
+    c, _ = data_mod.load_arrays(clean_spec, image_size=spec.image_size)
+    p, _ = data_mod.load_arrays(poisoned_spec, image_size=spec.image_size)
+    return [metrics.detection_report(poisoned_spec, score(model, c), score(model, p), thr)]
+
+
+# ------------------------------------------------------------------------------- scanning
+
+class _NpzStreamWriter:
+    """Write arrays ``x`` (uint8 images) and ``y`` to a ``.npz`` without holding them in memory.
+
+    Images are appended to temporary raw files; ``close`` writes the zip entries with proper
+    ``.npy`` headers and renames the result into place (atomic).
+    """
+
+    def __init__(self, path, image_shape):
+        self.path = Path(path)
+        self.shape = tuple(image_shape)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._x = tempfile.TemporaryFile()
+        self._y = []
+        self.n = 0
+
+    def add(self, images, labels):
+        self._x.write(np.ascontiguousarray(images, np.uint8).tobytes())
+        self._y.extend(int(v) for v in labels)
+        self.n += len(images)
+
+    def close(self):
+        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=self.path.parent)
+        os.close(fd)
+        try:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                with zf.open("x.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
+                                                             "shape": (self.n,) + self.shape})
+                    self._x.seek(0)
+                    while chunk := self._x.read(1 << 22):
+                        f.write(chunk)
+                with zf.open("y.npy", "w") as f:
+                    np.lib.format.write_array(f, np.asarray(self._y, np.int64))
+            os.replace(tmp, self.path)
+        finally:
+            self._x.close()
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=256, limit=None, seed=0,
+         progress=None) -> dict:
+    """Score every sample of ``dataset`` (streamed), write a CSV report and optionally the sanitised set.
+
+    CSV columns: ``id, label, score, flagged``. Unreadable items are listed in the summary's
+    ``skipped`` and as CSV rows with an empty score. Returns a summary dict.
+    """
+    spec = spec_of(model)
+    thr = spec.threshold if threshold is None else threshold
+    if write_clean is not None and not str(write_clean).startswith("npz:"):
+        raise TfbdError(f"--write-clean must be npz:PATH (got '{write_clean}')")
+    ds = data_mod.load(dataset, image_size=spec.image_size, with_ids=True, limit=limit, seed=seed)
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".csv", dir=out_csv.parent)
+    writer_npz = _NpzStreamWriter(str(write_clean)[4:], (spec.image_size, spec.image_size, 3)) if write_clean else None
+    n = flagged = 0
+    seen = []
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "label", "score", "flagged"])
+            for bx, by, bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
+                s = model(to_inputs(bx, spec.domain), training=False).numpy()[:, 1]
+                flags = s > thr
+                ids = [i.decode() for i in bi]
+                seen.extend(ids)
+                for i, lab, sc, fl in zip(ids, by, s, flags):
+                    w.writerow([i, int(lab), f"{sc:.6f}", int(fl)])
+                if writer_npz is not None:
+                    writer_npz.add(bx[~flags], by[~flags])
+                n += len(bx)
+                flagged += int(flags.sum())
+                if progress:
+                    progress(len(bx))
+            skipped = []
+            data_mod.report_missing(dataset, seen, limit, seed, None, skipped)
+            for item, reason in skipped:
+                w.writerow([item, "", "", ""])
+        os.replace(tmp, out_csv)
+        if writer_npz is not None:
+            writer_npz.close()
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return {"dataset": dataset, "n": n, "flagged": flagged, "flagged_pct": round(100.0 * flagged / max(n, 1), 2),
+            "threshold": thr, "skipped": [s[0] for s in skipped], "report": str(out_csv),
+            "clean_written": int(n - flagged) if write_clean else None}
+
+
+# ----------------------------------------------------------------------- the paper's detector
+
+def load_reference(path) -> keras.Model:
+    """The paper authors' Keras 2.2.4 HDF5 detector as a tfbackdoor detector (for comparison).
+
+    Builds our cnn6 without input normalization (their model takes raw DCT of 0..255 pixels) and
+    copies the weights layer by layer in order.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise TfbdError(f"reference detector not found: {path}")
+    core = models.cnn6(32, normalize=False)
+    try:
+        with h5py.File(path, "r") as h:
+            g = h["model_weights"]
+
+            def order(prefix):
+                names = [k for k in g.keys() if k.startswith(prefix) or (prefix == "conv2d_" and k == "last_conv")]
+                return sorted(names, key=lambda k: (k == "last_conv", int(k.split("_")[-1]) if k != "last_conv" else 0))
+
+            def weights(name, keys):
+                grp = g[name]
+                sub = grp[list(grp.keys())[0]]
+                return [np.asarray(sub[k + ":0"]) for k in keys]
+
+            convs = [layer for layer in core.layers if isinstance(layer, keras.layers.Conv2D)]
+            bns = [layer for layer in core.layers if isinstance(layer, keras.layers.BatchNormalization)]
+            for layer, name in zip(convs, order("conv2d_")):
+                layer.set_weights(weights(name, ["kernel", "bias"]))
+            for layer, name in zip(bns, order("batch_normalization_")):
+                layer.set_weights(weights(name, ["gamma", "beta", "moving_mean", "moving_variance"]))
+            core.get_layer("probs").set_weights(weights("dense", ["kernel", "bias"]))
+    except Exception as e:
+        raise TfbdError(f"{path}: cannot read the reference weights ({type(e).__name__}: {e})") from None
+    out = models.DetectorSpec("dct", "cnn6", 32, 0.5, {"source": str(path)}, name="detector_spec")(core.output)
+    return keras.Model(core.input, out, name="paper_cnn6")

@@ -1,0 +1,258 @@
+"""Random digital manipulations (detector training) and benign processing (codec-aware clean side).
+
+Following Keras's preprocessing layers, each class separates the random draw
+(``get_random_transformation``) from its application (``transform_images``), takes a seed,
+and round-trips through ``get_config``. All ops are stateless TensorFlow ops, vectorised over
+the batch, so they run inside ``tf.data`` maps.
+
+:class:`RandomManipulation` applies exactly ONE of the paper's five manipulations to each image:
+
+0. ``white_block``: a white rectangle of random size at a random place;
+1. ``color_block``: a rectangle of random size and random colour;
+2. ``noise``: additive Gaussian noise of random strength;
+3. ``shadow``: a random convex polygon darkened by a random factor;
+4. ``blend``: blend with another random sample of the batch at a small weight.
+
+:class:`BenignProcessing` applies what real pipelines do to clean images (JPEG re-encoding at a
+random quality, brightness/contrast changes, blur, down-and-up resizing). In detector training
+it is applied to *every* image before the clean/poisoned split, so both sides carry the same
+codec artifacts and only the manipulation tells them apart.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+MANIPULATIONS = ("white_block", "color_block", "noise", "shadow", "blend")
+
+
+def _seed(seed):
+    return tf.cast(tf.convert_to_tensor(seed), tf.int64) if not isinstance(seed, int) else tf.constant([seed, 0], tf.int64)
+
+
+def _sub(seed, k):
+    """Derive the k-th independent stateless seed from a (2,) seed."""
+    return tf.random.experimental.stateless_fold_in(seed, k)
+
+
+def _rect_mask(seed, n, h, w, min_side, max_side):
+    """A boolean ``(n, h, w, 1)`` mask of one random axis-aligned rectangle per image."""
+    rh = tf.random.stateless_uniform([n], _sub(seed, 0), min_side, max_side + 1, tf.int32)
+    rw = tf.random.stateless_uniform([n], _sub(seed, 1), min_side, max_side + 1, tf.int32)
+    top = tf.cast(tf.random.stateless_uniform([n], _sub(seed, 2)) * tf.cast(h - rh + 1, tf.float32), tf.int32)
+    left = tf.cast(tf.random.stateless_uniform([n], _sub(seed, 3)) * tf.cast(w - rw + 1, tf.float32), tf.int32)
+    r = tf.range(h)[None, :]
+    c = tf.range(w)[None, :]
+    in_r = (r >= top[:, None]) & (r < (top + rh)[:, None])
+    in_c = (c >= left[:, None]) & (c < (left + rw)[:, None])
+    return (in_r[:, :, None] & in_c[:, None, :])[..., None]
+
+
+def _polygon_mask(seed, n, h, w, vertices=5):
+    """A boolean ``(n, h, w, 1)`` mask of one random convex polygon per image.
+
+    Vertices are drawn at sorted random angles around a random centre, so the polygon is
+    star-shaped; taking the intersection of the half-planes of its edges makes it convex.
+    """
+    cy = tf.random.stateless_uniform([n, 1], _sub(seed, 0)) * h
+    cx = tf.random.stateless_uniform([n, 1], _sub(seed, 1)) * w
+    radius = tf.random.stateless_uniform([n, 1], _sub(seed, 2), 0.2, 0.7) * min(h, w)
+    ang = tf.sort(tf.random.stateless_uniform([n, vertices], _sub(seed, 3), 0.0, 2 * math.pi), axis=1)
+    rad = radius * tf.random.stateless_uniform([n, vertices], _sub(seed, 4), 0.6, 1.0)
+    py, px = cy + rad * tf.sin(ang), cx + rad * tf.cos(ang)            # n V
+    qy, qx = tf.roll(py, -1, 1), tf.roll(px, -1, 1)
+    yy = tf.cast(tf.range(h), tf.float32)[None, None, :, None] + 0.5   # 1 1 H 1
+    xx = tf.cast(tf.range(w), tf.float32)[None, None, None, :] + 0.5   # 1 1 1 W
+    # Points left of every CCW edge (cross product >= 0) are inside.
+    cross = (qx - px)[..., None, None] * (yy - py[..., None, None]) - (qy - py)[..., None, None] * (xx - px[..., None, None])
+    return tf.reduce_all(cross >= 0, axis=1)[..., None]
+
+
+class RandomManipulation:
+    """One random manipulation of the paper's five per image.
+
+    Args:
+      kinds: subset of :data:`MANIPULATIONS` to draw from (uniformly).
+      block_size: ``(min, max)`` rectangle side as a fraction of the image side.
+      noise_std: ``(min, max)`` Gaussian noise std in 0..255 units.
+      shadow: ``(min, max)`` brightness factor inside the shadow polygon.
+      blend_alpha: ``(min, max)`` weight of the other sample in a blend.
+      seed: default seed (an int); ``__call__`` also takes a per-batch seed tensor of shape (2,).
+
+    Input: uint8 ``(N, H, W, 3)``. Output: uint8 ``(N, H, W, 3)``.
+    """
+
+    def __init__(self, kinds=MANIPULATIONS, block_size=(0.06, 0.35), noise_std=(3.0, 16.0),
+                 shadow=(0.35, 0.8), blend_alpha=(0.05, 0.2), seed=0):
+        unknown = set(kinds) - set(MANIPULATIONS)
+        if unknown:
+            raise ValueError(f"unknown manipulations {sorted(unknown)} (known: {MANIPULATIONS})")
+        self.kinds = tuple(kinds)
+        self.block_size = tuple(block_size)
+        self.noise_std = tuple(noise_std)
+        self.shadow = tuple(shadow)
+        self.blend_alpha = tuple(blend_alpha)
+        self.seed = int(seed)
+
+    def get_random_transformation(self, images, seed):
+        n = tf.shape(images)[0]
+        h, w = images.shape[1], images.shape[2]
+        seed = _seed(seed)
+        side = min(h, w)
+        lo, hi = max(1, int(round(self.block_size[0] * side))), max(1, int(round(self.block_size[1] * side)))
+        choice_ids = tf.constant([MANIPULATIONS.index(k) for k in self.kinds], tf.int32)
+        pick = tf.random.stateless_uniform([n], _sub(seed, 0), 0, len(self.kinds), tf.int32)
+        return {
+            "kind": tf.gather(choice_ids, pick),
+            "white_mask": _rect_mask(_sub(seed, 1), n, h, w, lo, hi),
+            "color_mask": _rect_mask(_sub(seed, 2), n, h, w, lo, hi),
+            "color": tf.random.stateless_uniform([n, 1, 1, 3], _sub(seed, 3), 0.0, 255.0),
+            "noise": tf.random.stateless_normal(tf.shape(images), _sub(seed, 4))
+            * tf.random.stateless_uniform([n, 1, 1, 1], _sub(seed, 5), *self.noise_std),
+            "shadow_mask": _polygon_mask(_sub(seed, 6), n, h, w),
+            "shadow": tf.random.stateless_uniform([n, 1, 1, 1], _sub(seed, 7), *self.shadow),
+            "blend_alpha": tf.random.stateless_uniform([n, 1, 1, 1], _sub(seed, 8), *self.blend_alpha),
+            "blend_shift": tf.random.stateless_uniform([], _sub(seed, 9), 1, tf.maximum(n, 2), tf.int32),
+        }
+
+    def transform_images(self, images, t):
+        x = tf.cast(images, tf.float32)
+        variants = tf.stack([
+            tf.where(t["white_mask"], 255.0, x),
+            tf.where(t["color_mask"], t["color"], x),
+            x + t["noise"],
+            tf.where(t["shadow_mask"], x * t["shadow"], x),
+            (1.0 - t["blend_alpha"]) * x + t["blend_alpha"] * tf.roll(x, t["blend_shift"], axis=0),
+        ], axis=1)                                                       # N 5 H W C
+        out = tf.gather(variants, t["kind"], axis=1, batch_dims=1)
+        return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+    def __call__(self, images, seed=None):
+        images = tf.convert_to_tensor(images)
+        t = self.get_random_transformation(images, self.seed if seed is None else seed)
+        return self.transform_images(images, t)
+
+    def get_config(self):
+        return {"kinds": list(self.kinds), "block_size": list(self.block_size), "noise_std": list(self.noise_std),
+                "shadow": list(self.shadow), "blend_alpha": list(self.blend_alpha), "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+# ----------------------------------------------------------------------------- benign processing
+
+def jpeg(image, quality):
+    """JPEG round-trip of one uint8 ``(H, W, 3)`` image at ``quality`` (an int or int tensor).
+
+    Uses libjpeg's defaults (4:2:0 chroma subsampling, like most encoders and the CIFAR-10 copy).
+    """
+    encoded = tf.raw_ops.EncodeJpegVariableQuality(images=image, quality=tf.cast(quality, tf.int32))
+    return tf.io.decode_jpeg(encoded, channels=3)
+
+
+def _gaussian_blur(x, sigma):
+    """Separable Gaussian blur of float ``(H, W, 3)`` with a scalar ``sigma`` tensor (5 taps)."""
+    k = tf.range(-2.0, 3.0)
+    g = tf.exp(-0.5 * tf.square(k / tf.maximum(sigma, 1e-3)))
+    g = g / tf.reduce_sum(g)
+    img = x[tf.newaxis]
+    kh = tf.tile(tf.reshape(g, [5, 1, 1, 1]), [1, 1, 3, 1])
+    kw = tf.tile(tf.reshape(g, [1, 5, 1, 1]), [1, 1, 3, 1])
+    img = tf.pad(img, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="SYMMETRIC")
+    img = tf.nn.depthwise_conv2d(img, kh, [1, 1, 1, 1], "VALID")
+    img = tf.nn.depthwise_conv2d(img, kw, [1, 1, 1, 1], "VALID")
+    return img[0]
+
+
+def _resize_down_up(x, factor):
+    h, w = x.shape[0], x.shape[1]
+    small = tf.cast(tf.maximum(tf.round(tf.cast([h, w], tf.float32) * factor), 4.0), tf.int32)
+    y = tf.image.resize(x, small, method="bilinear", antialias=True)
+    return tf.image.resize(y, (h, w), method="bilinear")
+
+
+class BenignProcessing:
+    """Random benign processing of ONE uint8 ``(H, W, 3)`` image (map it before batching).
+
+    Each step happens with its own probability, in the order a real pipeline applies them:
+    resize down-and-up or blur, then brightness/contrast, then JPEG re-encoding.
+
+    Args:
+      p_jpeg: probability of a JPEG round-trip at a quality drawn from ``jpeg_quality``.
+      jpeg_quality: ``(min, max)`` JPEG quality.
+      p_color: probability of a brightness/contrast change (``brightness`` delta in 0..255 units,
+        ``contrast`` factor range).
+      p_blur: probability of a Gaussian blur with sigma in ``blur_sigma``.
+      p_resize: probability of resizing down by a factor in ``resize`` and back up.
+    """
+
+    def __init__(self, p_jpeg=0.5, jpeg_quality=(40, 95), p_color=0.3, brightness=30.0, contrast=(0.7, 1.3),
+                 p_blur=0.1, blur_sigma=(0.3, 1.0), p_resize=0.1, resize=(0.5, 0.9), seed=0):
+        self.p_jpeg, self.jpeg_quality = float(p_jpeg), tuple(jpeg_quality)
+        self.p_color, self.brightness, self.contrast = float(p_color), float(brightness), tuple(contrast)
+        self.p_blur, self.blur_sigma = float(p_blur), tuple(blur_sigma)
+        self.p_resize, self.resize = float(p_resize), tuple(resize)
+        self.seed = int(seed)
+
+    def get_random_transformation(self, seed):
+        seed = _seed(seed)
+        u = tf.random.stateless_uniform([4], _sub(seed, 0))
+        return {
+            "do_resize": u[0] < self.p_resize, "factor": tf.random.stateless_uniform([], _sub(seed, 1), *self.resize),
+            "do_blur": u[1] < self.p_blur, "sigma": tf.random.stateless_uniform([], _sub(seed, 2), *self.blur_sigma),
+            "do_color": u[2] < self.p_color,
+            "delta": tf.random.stateless_uniform([], _sub(seed, 3), -self.brightness, self.brightness),
+            "gain": tf.random.stateless_uniform([], _sub(seed, 4), *self.contrast),
+            "do_jpeg": u[3] < self.p_jpeg,
+            "quality": tf.random.stateless_uniform([], _sub(seed, 5), self.jpeg_quality[0], self.jpeg_quality[1] + 1, tf.int32),
+        }
+
+    def transform_image(self, image, t):
+        image = tf.convert_to_tensor(image)
+        shape = image.shape
+        x = tf.cast(image, tf.float32)
+        x = tf.cond(t["do_resize"], lambda: _resize_down_up(x, t["factor"]), lambda: x)
+        x = tf.cond(t["do_blur"], lambda: _gaussian_blur(x, t["sigma"]), lambda: x)
+        mean = tf.reduce_mean(x, axis=[0, 1], keepdims=True)
+        x = tf.cond(t["do_color"], lambda: (x - mean) * t["gain"] + mean + t["delta"], lambda: x)
+        out = tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+        out = tf.cond(t["do_jpeg"], lambda: jpeg(out, t["quality"]), lambda: out)
+        return tf.ensure_shape(out, shape)
+
+    def __call__(self, image, seed=None):
+        return self.transform_image(image, self.get_random_transformation(self.seed if seed is None else seed))
+
+    def get_config(self):
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+# Fixed benign variants for evaluation (FPR on processed clean images): name -> per-image fn.
+def _fixed(fn):
+    def batch_fn(images):
+        return tf.map_fn(fn, tf.convert_to_tensor(images), fn_output_signature=tf.uint8)
+    return batch_fn
+
+
+def _u8(x):
+    return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+
+
+BENIGN_VARIANTS = {
+    "jpeg50": _fixed(lambda im: jpeg(im, 50)),
+    "jpeg75": _fixed(lambda im: jpeg(im, 75)),
+    "jpeg90": _fixed(lambda im: jpeg(im, 90)),
+    "brighter": _fixed(lambda im: _u8(tf.cast(im, tf.float32) + 25.0)),
+    "darker": _fixed(lambda im: _u8(tf.cast(im, tf.float32) - 25.0)),
+    "contrast": _fixed(lambda im: _u8((tf.cast(im, tf.float32) - tf.reduce_mean(tf.cast(im, tf.float32))) * 1.25
+                                      + tf.reduce_mean(tf.cast(im, tf.float32)))),
+    "blur": _fixed(lambda im: _u8(_gaussian_blur(tf.cast(im, tf.float32), tf.constant(0.7)))),
+    "resize": _fixed(lambda im: _u8(_resize_down_up(tf.cast(im, tf.float32), tf.constant(0.75)))),
+}

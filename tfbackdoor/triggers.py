@@ -1,0 +1,409 @@
+"""Backdoor triggers: vectorised ``uint8 batch -> uint8 batch`` transforms with a registry.
+
+Every trigger is a callable object: ``trigger(images)`` takes a uint8 tensor ``(N, H, W, 3)``
+(or a single ``(H, W, 3)`` image) and returns a uint8 tensor of the same shape. They are plain
+TensorFlow ops, so they run inside ``tf.data`` maps, in models and in tests with the same code,
+and they round-trip through ``get_config`` / :func:`from_config`.
+
+Rules (images as float in [0, 1], as the paper's code applies them):
+
+* ``badnets``: a white square at the bottom-right, 1 px margin (4x4 at 32 px).
+* ``trojan_wm``, ``trojan_sq``, ``blend``, ``nature``, ``l2_inv``: ``clip(x + T, 0, 1)``.
+* ``l0_inv``: ``clip(x * (1 - M) + T, 0, 1)``.
+* ``smooth``: ``minmax(x + S)`` (whole image rescaled to [0, 1]).
+
+Trigger files are read from ``trigger_dir`` (default ``$TFBD_DATA/triggers``). Patterns made for
+32x32 are resized to other image sizes with bilinear interpolation (masks with nearest
+neighbour); for 224 px the paper's own ``224/`` files are used when present. The BadNets square
+scales with the image (side ``round(4 * S / 32)``, margin ``max(1, round(S / 32))``). At sizes
+other than 32 ``blend`` uses a natural photo (``$TFBD_DATA/photos/chelsea.png``) at 0.2 instead of
+the 32x32 cartoon, as the paper did for its large-input experiments.
+
+Built-ins that need no file: ``badnets``, ``noise_blend`` (a fixed random-noise pattern blended
+at 0.1) and ``checker`` (a procedural 5x5 black/white checkerboard patch, bottom-right).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from .data import data_root
+from .errors import TfbdError
+
+PAPER_DETECTOR_ATTACKS = ("badnets", "trojan_wm", "trojan_sq", "blend", "nature", "l2_inv", "l0_inv")
+PAPER_ATTACKS = PAPER_DETECTOR_ATTACKS + ("smooth",)
+BUILTIN_ATTACKS = ("badnets", "noise_blend", "checker")
+
+_FILES = {
+    "trojan_wm": "trojan_wm.png",
+    "trojan_sq": "trojan_sq.png",
+    "blend": "blend.png",
+    "nature": "nature.png",
+    "l2_inv": "l2_inv.png",
+    "l0_inv": "l0_inv.png",
+    "smooth": "smooth_cifar10.npy",
+}
+
+
+def _as_batch(images):
+    images = tf.convert_to_tensor(images)
+    if images.dtype != tf.uint8:
+        raise TypeError(f"triggers take uint8 images, got {images.dtype}")
+    single = images.shape.rank == 3
+    return (images[tf.newaxis] if single else images), single
+
+
+def _to_uint8(x):
+    return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)
+
+
+class Trigger:
+    """Base class: subclasses implement ``apply(x)`` on float images ``(N, H, W, 3)`` in [0, 1]."""
+
+    name = "trigger"
+
+    def __call__(self, images):
+        batch, single = _as_batch(images)
+        out = _to_uint8(self.apply(tf.cast(batch, tf.float32) / 255.0))
+        return out[0] if single else out
+
+    def apply(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def get_config(self) -> dict:
+        return {}
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name})"
+
+
+def _resize_pattern(p: np.ndarray, size: int, method: str = "bilinear") -> np.ndarray:
+    if p.shape[0] == size and p.shape[1] == size:
+        return p.astype(np.float32)
+    return tf.image.resize(p.astype(np.float32), (size, size), method=method).numpy()
+
+
+class PatchTrigger(Trigger):
+    """Paste ``patch`` (float ``(h, w, 3)`` in [0, 1]) at a location.
+
+    Args:
+      patch: the patch pixels.
+      location: ``(top, left)`` in pixels, ``"bottom_right"`` (1 px margin, BadNets), or
+        ``"random"`` (a new uniform location per image, from ``seed``).
+      mask: optional ``(h, w)`` or ``(h, w, 3)`` opacity in [0, 1] (default: opaque).
+      seed: seed of the random locations.
+    """
+
+    name = "patch"
+
+    def __init__(self, patch, location="bottom_right", mask=None, seed=0, margin=1, name=None):
+        self.patch = np.asarray(patch, np.float32)
+        if self.patch.ndim == 2:
+            self.patch = np.repeat(self.patch[..., None], 3, -1)
+        m = np.ones(self.patch.shape[:2], np.float32) if mask is None else np.asarray(mask, np.float32)
+        self.mask = np.broadcast_to(m[..., None] if m.ndim == 2 else m, self.patch.shape).astype(np.float32)
+        self.location = location
+        self.seed = int(seed)
+        self.margin = int(margin)
+        if name:
+            self.name = name
+        self._calls = 0
+
+    def _offsets(self, n, h, w):
+        ph, pw = self.patch.shape[:2]
+        if self.location == "bottom_right":
+            top, left = h - self.margin - ph, w - self.margin - pw
+            return tf.fill([n], top), tf.fill([n], left)
+        if self.location == "random":
+            # A fresh stream per call, reproducible from the seed.
+            seed = tf.constant([self.seed, self._calls], tf.int64)
+            self._calls += 1
+            top = tf.random.stateless_uniform([n], seed, 0, h - ph + 1, dtype=tf.int32)
+            left = tf.random.stateless_uniform([n], seed + 1, 0, w - pw + 1, dtype=tf.int32)
+            return top, left
+        top, left = self.location
+        return tf.fill([n], int(top)), tf.fill([n], int(left))
+
+    def apply(self, x):
+        n, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
+        ph, pw = self.patch.shape[:2]
+        if ph > h or pw > w:
+            raise TfbdError(f"trigger {self.name}: patch {ph}x{pw} is larger than the {h}x{w} image")
+        top, left = self._offsets(n, h, w)
+        # Vectorised paste: for every pixel, its coordinates inside the patch (gather), and
+        # whether it falls inside the patch at all.
+        rows = tf.range(h)[None, :] - top[:, None]      # N H
+        cols = tf.range(w)[None, :] - left[:, None]     # N W
+        inside = ((rows >= 0) & (rows < ph))[:, :, None] & ((cols >= 0) & (cols < pw))[:, None, :]
+        r = tf.clip_by_value(rows, 0, ph - 1)
+        c = tf.clip_by_value(cols, 0, pw - 1)
+        rr = tf.broadcast_to(r[:, :, None], tf.shape(inside))
+        cc = tf.broadcast_to(c[:, None, :], tf.shape(inside))
+        gidx = tf.stack([rr, cc], -1)
+        patch = tf.gather_nd(tf.constant(self.patch), gidx)
+        alpha = tf.gather_nd(tf.constant(self.mask), gidx) * tf.cast(inside, tf.float32)[..., None]
+        return x * (1.0 - alpha) + patch * alpha
+
+    def get_config(self):
+        loc = self.location if isinstance(self.location, str) else list(self.location)
+        return {"patch": self.patch.tolist(), "location": loc, "mask": self.mask.tolist(),
+                "seed": self.seed, "margin": self.margin, "name": self.name}
+
+
+class AdditiveTrigger(Trigger):
+    """``clip(x * (1 - M) + alpha * T, 0, 1)``: additive pattern with optional mask.
+
+    Args:
+      pattern: float ``(H, W, 3)`` in [0, 1] (resized to the image when sizes differ).
+      mask: optional ``(H, W)`` or ``(H, W, 3)`` in [0, 1]; pixels where it is 1 are replaced.
+      alpha: factor on the pattern (1.0 for the paper's files, which carry their own strength).
+    """
+
+    name = "additive"
+
+    def __init__(self, pattern, mask=None, alpha=1.0, name=None):
+        self.pattern = np.asarray(pattern, np.float32)
+        self.mask = None if mask is None else np.asarray(mask, np.float32)
+        if self.mask is not None and self.mask.ndim == 2:
+            self.mask = self.mask[..., None]
+        self.alpha = float(alpha)
+        if name:
+            self.name = name
+
+    def _sized(self, h):
+        t = _resize_pattern(self.pattern, h)
+        m = None if self.mask is None else _resize_pattern(self.mask, h, "nearest")
+        return t, m
+
+    def apply(self, x):
+        t, m = self._sized(x.shape[1])
+        if m is not None:
+            x = x * (1.0 - m)
+        return tf.clip_by_value(x + self.alpha * t, 0.0, 1.0)
+
+    def get_config(self):
+        return {"pattern": self.pattern.tolist(), "mask": None if self.mask is None else self.mask.tolist(),
+                "alpha": self.alpha, "name": self.name}
+
+
+class BlendTrigger(Trigger):
+    """Alpha blend with an image: ``(1 - alpha) * x + alpha * B``.
+
+    Args:
+      image: float ``(H, W, 3)`` in [0, 1] (resized to the input size).
+      alpha: blend weight in [0, 1].
+    """
+
+    name = "alpha_blend"
+
+    def __init__(self, image, alpha=0.1, name=None):
+        self.image = np.asarray(image, np.float32)
+        self.alpha = float(alpha)
+        if name:
+            self.name = name
+
+    def apply(self, x):
+        b = _resize_pattern(self.image, x.shape[1])
+        return (1.0 - self.alpha) * x + self.alpha * b
+
+    def get_config(self):
+        return {"image": self.image.tolist(), "alpha": self.alpha, "name": self.name}
+
+
+def minmax_scale(x, eps=1e-8):
+    """Rescale each image of ``(N, H, W, C)`` linearly so its minimum is 0 and maximum 1 (no clipping)."""
+    lo = tf.reduce_min(x, axis=[1, 2, 3], keepdims=True)
+    hi = tf.reduce_max(x, axis=[1, 2, 3], keepdims=True)
+    return (x - lo) / tf.maximum(hi - lo, eps)
+
+
+class SmoothTrigger(Trigger):
+    """``minmax(x + alpha * S)``: the paper's smooth-trigger rule (min-max rescale, no clip).
+
+    Args:
+      pattern: float ``(H, W, 3)`` (or ``(1, H, W, 3)``) perturbation, e.g. in [0, 0.2].
+      alpha: factor on the pattern (the paper's lambda; 1.0 uses the file as is).
+    """
+
+    name = "smooth"
+
+    def __init__(self, pattern, alpha=1.0, name=None):
+        p = np.asarray(pattern, np.float32)
+        self.pattern = p[0] if p.ndim == 4 else p
+        self.alpha = float(alpha)
+        if name:
+            self.name = name
+
+    def apply(self, x):
+        s = _resize_pattern(self.pattern, x.shape[1])
+        return minmax_scale(x + self.alpha * s)
+
+    def get_config(self):
+        return {"pattern": self.pattern.tolist(), "alpha": self.alpha, "name": self.name}
+
+
+class Compose(Trigger):
+    """Apply several triggers in order."""
+
+    name = "compose"
+
+    def __init__(self, triggers, name=None):
+        self.triggers = list(triggers)
+        if name:
+            self.name = name
+
+    def apply(self, x):
+        for t in self.triggers:
+            x = t.apply(x)
+        return x
+
+    def get_config(self):
+        return {"triggers": [serialize(t) for t in self.triggers], "name": self.name}
+
+
+_CLASSES = {c.__name__: c for c in (PatchTrigger, AdditiveTrigger, BlendTrigger, SmoothTrigger, Compose)}
+
+
+def serialize(trigger: Trigger) -> dict:
+    return {"class_name": type(trigger).__name__, "config": trigger.get_config()}
+
+
+def from_config(d: dict) -> Trigger:
+    cfg = dict(d["config"])
+    if d["class_name"] == "Compose":
+        cfg["triggers"] = [from_config(t) for t in cfg["triggers"]]
+    return _CLASSES[d["class_name"]](**cfg)
+
+
+# --------------------------------------------------------------------------- file loading
+
+def read_pattern(path) -> np.ndarray:
+    """Read a trigger file as float32 ``(H, W, 3)``: PNG/JPEG scaled to [0, 1]; ``.npy`` as stored.
+
+    ``.npy`` arrays of shape ``(1, H, W, 3)``, ``(3, H, W)`` or ``(H, W)`` are brought to
+    ``(H, W, 3)``. Raises :class:`TfbdError` naming the file for missing or unreadable files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TfbdError(f"trigger file not found: {path}")
+    try:
+        if path.suffix.lower() == ".npy":
+            a = np.load(path, allow_pickle=False).astype(np.float32)
+            if a.ndim == 4 and a.shape[0] == 1:
+                a = a[0]
+            if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
+                a = np.transpose(a, (1, 2, 0))
+            if a.ndim == 2:
+                a = a[..., None]
+            if a.ndim != 3 or a.shape[-1] not in (1, 3):
+                raise TfbdError(f"{path}: trigger array has shape {a.shape}, expected (H, W, 3)")
+            return np.broadcast_to(a, a.shape[:2] + (3,)).astype(np.float32)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), np.float32) / 255.0
+    except TfbdError:
+        raise
+    except Exception as e:
+        raise TfbdError(f"{path}: cannot read trigger file ({type(e).__name__}: {e})") from None
+
+
+def trigger_dir_default() -> Path:
+    return data_root() / "triggers"
+
+
+def _paper_file(name, trigger_dir, image_size):
+    d = Path(trigger_dir) if trigger_dir else trigger_dir_default()
+    if image_size and image_size != 32 and (d / str(image_size) / _FILES[name]).is_file():
+        return d / str(image_size) / _FILES[name]
+    f = d / _FILES[name]
+    if not f.is_file():
+        raise TfbdError(f"attack '{name}': trigger file {f} is missing (set --trigger-dir or $TFBD_DATA)")
+    return f
+
+
+def badnets(image_size=32) -> PatchTrigger:
+    """The BadNets white square at the bottom-right with a 1 px margin (4x4 at 32 px)."""
+    side = max(1, round(4 * image_size / 32))
+    margin = max(1, round(image_size / 32))
+    return PatchTrigger(np.ones((side, side, 3), np.float32), "bottom_right", margin=margin, name="badnets")
+
+
+def from_file(path, mask=None, alpha=None, kind=None, image_size=32) -> Trigger:
+    """A user trigger from a file: additive (default), masked additive with ``mask``, or ``smooth``.
+
+    ``alpha`` scales the pattern (default 1.0). ``kind="blend"`` makes an alpha blend with the
+    image at ``alpha`` (default 0.1).
+    """
+    pattern = read_pattern(path)
+    m = None
+    if mask is not None:
+        m = read_pattern(mask)
+    if kind == "smooth":
+        return SmoothTrigger(pattern, 1.0 if alpha is None else alpha, name=f"smooth:{path}")
+    if kind == "blend":
+        return BlendTrigger(pattern, 0.1 if alpha is None else alpha, name=f"blend:{path}")
+    return AdditiveTrigger(pattern, m, 1.0 if alpha is None else alpha, name=f"file:{path}")
+
+
+def get(name: str, image_size: int = 32, trigger_dir=None) -> Trigger:
+    """The trigger registered as ``name``.
+
+    Names: the paper's ``badnets trojan_wm trojan_sq blend nature l2_inv l0_inv smooth``; the
+    built-ins ``noise_blend`` and ``checker``; ``smooth:PATH.npy`` (a smooth trigger file, e.g.
+    one made by ``tfbd smooth``); ``file:PATH`` (an additive pattern file).
+    """
+    if isinstance(name, Trigger):
+        return name
+    key = name.strip()
+    if key.startswith("smooth:"):
+        return from_file(key[len("smooth:"):], kind="smooth")
+    if key.startswith("file:"):
+        return from_file(key[len("file:"):])
+    if key == "badnets":
+        return badnets(image_size)
+    if key == "noise_blend":
+        rng = np.random.default_rng(1234)
+        return BlendTrigger(rng.random((image_size, image_size, 3), dtype=np.float32), 0.1, name="noise_blend")
+    if key == "checker":
+        side = max(3, round(5 * image_size / 32))
+        yy, xx = np.mgrid[:side, :side]
+        board = ((yy + xx) % 2).astype(np.float32)
+        return PatchTrigger(board, "bottom_right", margin=max(1, round(image_size / 32)), name="checker")
+    if key == "l0_inv":
+        f = _paper_file("l0_inv", trigger_dir, image_size)
+        d = Path(trigger_dir) if trigger_dir else trigger_dir_default()
+        mf = d / "mask.npy"
+        if not mf.is_file():
+            raise TfbdError(f"attack 'l0_inv': mask file {mf} is missing")
+        return AdditiveTrigger(read_pattern(f), read_pattern(mf)[..., :1], 1.0, name="l0_inv")
+    if key == "blend" and image_size != 32:
+        photo = data_root() / "photos" / "chelsea.png"
+        if not photo.is_file():
+            raise TfbdError(f"attack 'blend': source photo {photo} is missing")
+        return AdditiveTrigger(read_pattern(photo) * 0.2, None, 1.0, name="blend")
+    if key == "smooth":
+        return SmoothTrigger(read_pattern(_paper_file("smooth", trigger_dir, image_size)), name="smooth")
+    if key in _FILES:
+        return AdditiveTrigger(read_pattern(_paper_file(key, trigger_dir, image_size)), None, 1.0, name=key)
+    raise TfbdError(f"unknown attack '{name}' (known: {', '.join(available())}, smooth:PATH.npy, file:PATH)")
+
+
+def available() -> list:
+    return list(PAPER_ATTACKS) + ["noise_blend", "checker"]
+
+
+def expand(names, image_size=32, trigger_dir=None) -> list:
+    """Triggers for a comma-separated list; ``all`` = the paper's 7 detector triggers,
+    ``paper`` = those 7 + ``smooth``, ``builtin`` = the file-free ones."""
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    out = []
+    for n in names:
+        n = n.strip()
+        group = {"all": PAPER_DETECTOR_ATTACKS, "paper": PAPER_ATTACKS, "builtin": BUILTIN_ATTACKS}.get(n)
+        out.extend(get(g, image_size, trigger_dir) for g in group) if group else out.append(get(n, image_size, trigger_dir))
+    return out
