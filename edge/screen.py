@@ -686,10 +686,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("sources", nargs="*", metavar="SOURCES",
                         help="image files, folders (recursive), video files (mp4/avi/mov/mkv/webm)")
-    parser.add_argument("--model", type=Path, default=None,
+    parser.add_argument("--model", type=Path, default=None, metavar="PATH",
                         help=f"screener .tflite (default: saved_models/{DEFAULT_MODEL_NAME} "
                         "in the repository, or beside screen.py)")
-    parser.add_argument("--threshold", type=_probability, default=None,
+    parser.add_argument("--threshold", type=_probability, default=None, metavar="T",
                         help="poisoned if score >= T (default: the model's sidecar JSON, else 0.5)")
     parser.add_argument("--every", type=_positive_int, default=1, metavar="N",
                         help="process every N-th video/camera frame (default 1)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -181,32 +182,58 @@ def _compile(model, lr):
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
 
+def calibrate_threshold(model, x, target_fpr=0.5, variants=None) -> float:
+    """The P(poisoned) threshold that flags ``target_fpr`` percent of held-out clean images.
+
+    Scores ``x`` as is and after each benign variant (JPEG 50/75/90, brightness, contrast, blur,
+    resize: :data:`tfbackdoor.perturb.BENIGN_VARIANTS`), pools them, and returns the
+    ``1 - target_fpr/100`` quantile (at least 1e-3). The images must not be training images.
+    """
+    names = list(perturb.BENIGN_VARIANTS) if variants is None else list(variants)
+    scores = [score(model, x)]
+    for name in names:
+        scores.append(score(model, perturb.BENIGN_VARIANTS[name](x).numpy()))
+    pooled = np.concatenate(scores)
+    return float(max(np.quantile(pooled, 1.0 - target_fpr / 100.0), 1e-3))
+
+
 def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_size=None, strategy="default",
-          log_dir=None, seed=0, lr=1e-3, benign=True, info=None, verbose=1, val_x=None, model=None,
-          extra_poison=None):
+          log_dir=None, seed=0, lr=1e-3, benign=True, info=None, verbose="auto", model=None,
+          extra_poison=None, calibration=0.04, target_fpr=0.5):
     """Train a detector on clean uint8 images ``x`` and save it to ``out`` (atomically).
 
-    Checkpoints go to ``OUT.ckpt/`` (resume: rerun the same command; Keras ``BackupAndRestore``
-    restores the last finished epoch). ``log_dir`` adds a TensorBoard log. Returns the model.
+    A seeded ``calibration`` share of ``x`` (at most 2,000 images) is held out of training and
+    used to set the detector's threshold (:func:`calibrate_threshold`, ``target_fpr`` percent).
+    The learning rate follows a cosine decay over all epochs. Checkpoints go to ``OUT.ckpt/``
+    (resume: rerun the same command; Keras ``BackupAndRestore`` restores the last finished
+    epoch). ``log_dir`` adds a TensorBoard log. Returns the model.
     """
     keras.utils.set_random_seed(seed)
     image_size = image_size or x.shape[1]
     out = Path(out)
     ckpt_dir = Path(str(out) + ".ckpt")
+    n_cal = min(2000, int(len(x) * calibration)) if calibration else 0
+    order = np.random.default_rng(seed + 17).permutation(len(x))
+    x_cal, x_train = x[order[:n_cal]], x[order[n_cal:]]
+    steps = epochs * int(np.ceil(len(x_train) / batch_size))
     strat = make_strategy(strategy)
     with strat.scope():
         if model is None:
             model = build(arch, image_size, domain, info=info)
-            adapt_normalization(model, x, domain, seed=seed)
-        _compile(model, lr)
-    train_ds = training_dataset(x, batch_size, seed, domain, None if benign else False, extra_poison=extra_poison)
+            adapt_normalization(model, x_train, domain, seed=seed)
+        _compile(model, keras.optimizers.schedules.CosineDecay(lr, max(steps, 1), alpha=0.05))
+    train_ds = training_dataset(x_train, batch_size, seed, domain, None if benign else False, extra_poison=extra_poison)
     callbacks = [keras.callbacks.BackupAndRestore(str(ckpt_dir / "backup"))]
-    val_ds = None
-    if val_x is not None:
-        val_ds = training_dataset(val_x, batch_size, seed + 99, domain, None if benign else False)
     if log_dir:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir)))
-    model.fit(train_ds, epochs=epochs, callbacks=callbacks, validation_data=val_ds, verbose=verbose)
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+    model.fit(train_ds, epochs=epochs, callbacks=callbacks, verbose=verbose)
+    if n_cal:
+        spec = spec_of(model)
+        spec.threshold = calibrate_threshold(model, x_cal, target_fpr)
+        spec.info = {**spec.info, "calibration": {"n": int(n_cal), "target_fpr": target_fpr,
+                                                   "threshold": spec.threshold}}
     save(model, out)
     return model
 

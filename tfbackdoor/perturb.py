@@ -37,10 +37,20 @@ def _sub(seed, k):
     return tf.random.experimental.stateless_fold_in(seed, k)
 
 
+def _log_uniform_int(shape, seed, lo, hi):
+    """Integers in [lo, hi] drawn log-uniformly, so small sizes are as common as large ones."""
+    u = tf.random.stateless_uniform(shape, seed, math.log(lo), math.log(hi + 1))
+    return tf.clip_by_value(tf.cast(tf.floor(tf.exp(u)), tf.int32), lo, hi)
+
+
 def _rect_mask(seed, n, h, w, min_side, max_side):
-    """A boolean ``(n, h, w, 1)`` mask of one random axis-aligned rectangle per image."""
-    rh = tf.random.stateless_uniform([n], _sub(seed, 0), min_side, max_side + 1, tf.int32)
-    rw = tf.random.stateless_uniform([n], _sub(seed, 1), min_side, max_side + 1, tf.int32)
+    """A boolean ``(n, h, w, 1)`` mask of one random axis-aligned rectangle per image.
+
+    Sides are log-uniform in [min_side, max_side]: small patches (a BadNets square is 4 px of a
+    32 px image) are the hardest to see and must be common in training.
+    """
+    rh = _log_uniform_int([n], _sub(seed, 0), min_side, max_side)
+    rw = _log_uniform_int([n], _sub(seed, 1), min_side, max_side)
     top = tf.cast(tf.random.stateless_uniform([n], _sub(seed, 2)) * tf.cast(h - rh + 1, tf.float32), tf.int32)
     left = tf.cast(tf.random.stateless_uniform([n], _sub(seed, 3)) * tf.cast(w - rw + 1, tf.float32), tf.int32)
     r = tf.range(h)[None, :]

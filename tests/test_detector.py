@@ -1,0 +1,222 @@
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+from cli.main import main
+from tfbackdoor import detector, models, perturb
+from tfbackdoor.errors import TfbdError
+
+
+# ----------------------------------------------------------------------------- manipulations
+
+def test_each_manipulation_changes_images_as_described(rng):
+    x = np.full((64, 32, 32, 3), 100, np.uint8) + np.arange(64, dtype=np.uint8)[:, None, None, None] * 2
+    x[:, :, :16] = 30  # two flat halves (and images that differ) so every manipulation is visible
+    for k, kind in enumerate(perturb.MANIPULATIONS):
+        m = perturb.RandomManipulation(kinds=[kind], seed=3)
+        out = m(x).numpy()
+        changed = (out != x).any(-1)
+        assert out.dtype == np.uint8 and out.shape == x.shape
+        assert changed.reshape(64, -1).any(1).mean() > 0.9, kind
+        if kind == "white_block":
+            assert (out[changed] == 255).all()
+            sides = changed.reshape(64, -1).sum(1)
+            assert sides.min() >= 4 and sides.max() <= (0.35 * 32 + 1) ** 2
+        if kind == "color_block":
+            per_img = [np.unique(out[i][changed[i]], axis=0) for i in range(64)]
+            assert all(len(u) <= 1 for u in per_img)  # one colour per rectangle
+        if kind == "shadow":
+            assert (out.astype(int) <= x).all()  # only darkens
+        if kind == "noise":
+            assert changed.mean() > 0.5
+
+
+def test_manipulation_is_seeded_and_one_per_image():
+    x = np.random.default_rng(0).integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    m = perturb.RandomManipulation()
+    a, b = m(x, tf.constant([5, 6], tf.int64)).numpy(), m(x, tf.constant([5, 6], tf.int64)).numpy()
+    c = m(x, tf.constant([5, 7], tf.int64)).numpy()
+    assert (a == b).all() and not (a == c).all()
+    kinds = m.get_random_transformation(tf.constant(x), tf.constant([5, 6], tf.int64))["kind"].numpy()
+    assert kinds.shape == (32,) and set(kinds) <= set(range(5)) and len(set(kinds)) >= 3
+    again = perturb.RandomManipulation.from_config(m.get_config())
+    assert (again(x, tf.constant([5, 6], tf.int64)).numpy() == a).all()
+
+
+def test_benign_processing_keeps_shape_and_jpeg_round_trip():
+    x = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    b = perturb.BenignProcessing(p_jpeg=1.0, p_color=0, p_blur=0, p_resize=0)
+    out = b(x, tf.constant([1, 2], tf.int64)).numpy()
+    assert out.shape == x.shape and (out != x).any()
+    for name, fn in perturb.BENIGN_VARIANTS.items():
+        assert fn(x[None]).shape == (1, 32, 32, 3), name
+
+
+def test_training_pipeline_is_balanced_and_in_dct():
+    x = np.random.default_rng(2).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    batches = list(detector.training_dataset(x, batch_size=16, seed=1))
+    labels = np.concatenate([b[1].numpy() for b in batches])
+    assert len(labels) == 80 and labels.sum() == 40
+    inp = batches[0][0].numpy()
+    assert inp.shape == (32, 32, 32, 3) and inp.dtype == np.float32
+    assert np.abs(inp[:, 0, 0]).mean() > 500  # DC coefficient of 0..255 images
+
+
+# ----------------------------------------------------------------------------- models
+
+@pytest.mark.parametrize("arch,size", [("cnn6", 32), ("large", 128)])
+def test_model_shapes(arch, size):
+    m = detector.build(arch, size)
+    out = m(np.zeros((2, size, size, 3), np.float32))
+    assert out.shape == (2, 2)
+    np.testing.assert_allclose(out.numpy().sum(1), 1.0, rtol=1e-5)
+    spec = detector.spec_of(m)
+    assert (spec.arch, spec.image_size, spec.domain) == (arch, size, "dct")
+
+
+def test_cnn6_matches_the_paper_layout():
+    m = models.cnn6(32)
+    convs = [l for l in m.layers if isinstance(l, tf.keras.layers.Conv2D) or l.__class__.__name__ == "Conv2D"]
+    assert [c.filters for c in convs] == [32, 32, 64, 64, 128, 128]
+    drops = [l.rate for l in m.layers if l.__class__.__name__ == "Dropout"]
+    assert drops == [0.2, 0.3, 0.4]
+    assert m.count_params() < 400_000
+
+
+def test_reference_detector_loads(data_dir):
+    ref = detector.load_reference(data_dir / "reference" / "cnn6_cifar10_paper.h5")
+    x = np.zeros((1, 32, 32, 3), np.uint8)
+    assert detector.score(ref, x).shape == (1,)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, data_dir):
+    """A detector trained 1 epoch on 300 real lossless CIFAR-10 images (shape of the flow, not accuracy)."""
+    d = tmp_path_factory.mktemp("tiny")
+    out = d / "det.keras"
+    r = CliRunner().invoke(main, ["train-detector", "--dataset", "cifar10:lossless", "--limit", "300", "--epochs", "1",
+                                  "--batch-size", "32", "--out", str(out), "--log-dir", str(d / "tb")])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_train_writes_detector_with_threshold_and_tensorboard(tiny):
+    m = detector.load(tiny)
+    spec = detector.spec_of(m)
+    assert 0 < spec.threshold < 1 and spec.info["calibration"]["n"] == 12
+    assert spec.info["dataset"] == "cifar10:lossless"
+    assert any((tiny.parent / "tb").rglob("events.out.tfevents*"))
+
+
+def test_evaluate_json_keys(tiny):
+    r = CliRunner().invoke(main, ["evaluate", "--detector", str(tiny), "--dataset", "cifar10:lossless", "--limit", "64",
+                                  "--attacks", "badnets,trojan_wm", "--benign", "jpeg75", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert [x["attack"] for x in rows] == ["clean", "badnets", "trojan_wm", "benign:jpeg75"]
+    for row in rows[1:3]:
+        assert set(row) == {"attack", "acc", "bdr", "fpr", "auroc", "n"} and row["n"] == 64
+        assert 0 <= row["bdr"] <= 100 and row["acc"] == pytest.approx((100 - row["fpr"] + row["bdr"]) / 2, abs=0.02)
+
+
+def test_evaluate_clean_vs_poisoned_sets(tiny, tmp_path):
+    from tfbackdoor import data, triggers
+
+    x, y = data.load_arrays("cifar10:lossless", limit=40, seed=9)
+    np.savez(tmp_path / "c.npz", x=x, y=y)
+    np.savez(tmp_path / "p.npz", x=triggers.get("trojan_sq")(x).numpy(), y=y)
+    r = CliRunner().invoke(main, ["evaluate", "--detector", str(tiny), "--clean", f"npz:{tmp_path / 'c.npz'}",
+                                  "--poisoned", f"npz:{tmp_path / 'p.npz'}", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)[0]["n"] == 40
+
+
+def test_scan_streams_reports_and_skips_bad_items(tiny, tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "ds"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    (root / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out, clean = tmp_path / "r.csv", tmp_path / "clean.npz"
+    r = CliRunner().invoke(main, ["scan", "--detector", str(tiny), "--dataset", f"dir:{root}", "--out", str(out),
+                                  "--threshold", "0.5", "--write-clean", f"npz:{clean}"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    rows = list(csv.DictReader(out.open()))
+    assert summary["n"] == 10 and len(rows) == 11 and summary["skipped"][0].endswith("broken.jpg")
+    flagged = sum(int(row["flagged"]) for row in rows if row["score"])
+    with np.load(clean) as d:
+        assert d["x"].shape == (10 - flagged, 32, 32, 3) and d["y"].shape == (10 - flagged,)
+
+
+def test_finetune_excludes_its_samples_from_evaluation(tiny, tmp_path):
+    out = tmp_path / "ft.keras"
+    r = CliRunner().invoke(main, ["finetune", "--detector", str(tiny), "--dataset", "gtsrb:test", "--samples", "20",
+                                  "--epochs", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    m = detector.load(out)
+    excluded = detector.spec_of(m).info["exclude"]["gtsrb:test"]
+    assert len(excluded) == 20
+    x = detector.load_eval_images(m, "gtsrb:test", limit=500, seed=0)
+    assert len(x) == 500 - len(set(excluded) & {f"gtsrb:test#{i}" for i in np.random.default_rng(0).permutation(12630)[:500]})
+
+
+def test_resume_after_interruption(tmp_path, data_dir):
+    """A run killed during its second epoch resumes from the checkpoint instead of starting over."""
+    out = tmp_path / "r.keras"
+    cmd = [sys.executable, "-m", "cli.main", "train-detector", "--dataset", "cifar10:lossless", "--limit", "256",
+           "--epochs", "2", "--batch-size", "16", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "Epoch 2/2" in line:
+            proc.kill()  # interrupted mid-training, as by a crash or a lost machine
+            break
+    proc.wait()
+    assert proc.returncode != 0 and not out.exists()
+    assert (tmp_path / "r.keras.ckpt" / "backup").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Epoch 2/2" in r.stdout and "Epoch 1/2" not in r.stdout
+    assert out.exists() and not (tmp_path / "r.keras.ckpt" / "backup").exists()
+
+
+def test_mirrored_training_on_two_logical_cpus(tmp_path, data_dir):
+    out = tmp_path / "m.keras"
+    code = (
+        "import tfbackdoor.detector as d; d.configure_logical_cpus(2);"
+        "import tensorflow as tf; s = d.make_strategy('mirrored'); print('replicas', s.num_replicas_in_sync);"
+        "from cli.main import main; main(['train-detector','--dataset','cifar10:lossless','--limit','128',"
+        f"'--epochs','1','--batch-size','32','--strategy','mirrored','--out',r'{out}'])"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "replicas 2" in r.stdout, r.stderr[-2000:]
+    assert out.exists(), r.stderr[-2000:]
+
+
+def test_bad_detector_files(tmp_path):
+    (tmp_path / "junk.keras").write_bytes(b"not a zip")
+    with pytest.raises(TfbdError, match="junk.keras: cannot load"):
+        detector.load(tmp_path / "junk.keras")
+    import keras
+
+    inp = keras.Input((4,))
+    keras.Model(inp, keras.layers.Dense(2)(inp)).save(tmp_path / "other.keras")
+    with pytest.raises(TfbdError, match="not a tfbackdoor detector"):
+        detector.load(tmp_path / "other.keras")
+    r = CliRunner().invoke(main, ["scan", "--detector", str(tmp_path / "other.keras"), "--dataset", "cifar10:test",
+                                  "--out", str(tmp_path / "r.csv")])
+    assert r.exit_code == 2 and "not a tfbackdoor detector" in r.output
+    with pytest.raises(TfbdError, match="expects images of shape"):
+        detector.score(detector.build(), np.zeros((2, 16, 16, 3), np.uint8))

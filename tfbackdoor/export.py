@@ -1,0 +1,670 @@
+"""Export a detector as a LiteRT (``.tflite``) screener: raw uint8 pixels in, P(poisoned) out.
+
+The screener runs the whole detector on a device without TensorFlow (see ``edge/screen.py``):
+
+* input: ONE uint8 tensor ``[1, H, W, 3]`` of RGB pixels 0..255 (static batch 1: an int8 model
+  with a dynamic batch dimension does not load in LiteRT);
+* output: ONE float32 tensor ``[1, 1]`` = P(poisoned);
+* TFLite builtin ops only (never Flex/Select-TF ops; :func:`check_builtin_only`);
+* a sidecar ``OUT.json`` (same stem) with ``threshold``, ``image_size``, ``quantize``, ``source``
+  and ``sha256`` of the ``.tflite``.
+
+Why the first layer is folded (int8). A detector's input is the 2-D DCT of 0..255 pixels, whose
+DC term is in the thousands while high-frequency coefficients are single digits. One per-tensor
+int8 scale over that range (step ~30..60) rounds nearly every high-frequency coefficient to zero
+-- the very signal the detector uses. Our detectors normalise per frequency first
+(``Normalization(axis=(1, 2, 3), name="input_norm")``), so the DCT and the normalisation are one
+affine map per channel, ``z_c = x_c @ (K / std_c) - mean_c / std_c`` with ``K = kron(D_H, D_W)^T``:
+:class:`FoldedDCTNormalization`. The converter turns it into one ``FULLY_CONNECTED`` per channel
+with per-output-column int8 weight scales, fed by the exactly-quantized uint8 pixels, so the first
+quantized activation is already normalised (all frequencies share one scale fairly). For inputs
+larger than 32x32 (``H*W > 1024``: a 1M-entry matrix per channel at 32 px) a separable form is
+used instead (a ``1 x W`` convolution with per-column scaling, then a depthwise ``H x 1``
+convolution holding a ``D_H / (s * std)`` matrix per column and channel).
+
+ELU. The TFLite quantizer leaves ``ELU`` in float (``DEQUANTIZE -> ELU -> QUANTIZE``), so the
+converter's int8 model is not full-integer. LiteRT has an int8 ``ELU`` kernel (a 256-entry lookup
+table computing exactly ``quantize(elu(dequantize(q)))``), so :func:`fuse_int8_elu` rewires each
+such sandwich into one int8 ``ELU`` -- bit-identical results, no float ops left between the
+input ``QUANTIZE`` and the output ``DEQUANTIZE``.
+
+Head. ``P(poisoned) = softmax(z)[1] = sigmoid(z1 - z0)``. An int8 softmax or logistic output has
+a fixed step of 1/256, which cannot resolve thresholds near 1 (a calibrated 0.5 %-FPR threshold
+is often > 0.99), so the int8 screener computes the logit difference in int8 and ends with a
+float ``LOGISTIC`` on that one value (``head="logit"``; see :func:`add_float_logistic`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from . import data as data_mod
+from . import detector as detector_mod
+from . import perturb, triggers
+from .errors import TfbdError
+from .frequency import DCT2D, dct_matrix
+
+QUANTIZE_MODES = ("int8", "int16x8", "float16", "float32")
+FOLDS = ("auto", "fc", "separable", "none")
+HEADS = ("auto", "logit", "softmax")
+DEFAULT_CALIBRATION = "cifar10:train+gtsrb:train"
+FC_FOLD_MAX_PIXELS = 1024  # 32x32: one 1024x1024 matrix per channel (3 MB as int8)
+
+
+# ------------------------------------------------------------------------ the folded layer
+
+def _norm_stats(norm_layer, shape):
+    """``(mean, std)`` float64 arrays of shape ``(H, W, C)`` from a Keras ``Normalization``."""
+    mean = np.asarray(keras.ops.convert_to_numpy(norm_layer.mean), np.float64)
+    var = np.asarray(keras.ops.convert_to_numpy(norm_layer.variance), np.float64)
+    mean = np.broadcast_to(mean.reshape(mean.shape[-3:]) if mean.ndim >= 3 else mean, shape).copy()
+    var = np.broadcast_to(var.reshape(var.shape[-3:]) if var.ndim >= 3 else var, shape).copy()
+    return mean, np.maximum(np.sqrt(var), keras.backend.epsilon())
+
+
+@keras.saving.register_keras_serializable(package="tfbackdoor")
+class FoldedDCTNormalization(keras.layers.Layer):
+    """:class:`~tfbackdoor.frequency.DCT2D` followed by per-frequency normalisation, as one map.
+
+    ``out[n, u, v, c] = (DCT(x)[n, u, v, c] - mean[u, v, c]) / std[u, v, c]``, computed as
+
+    * ``fold="fc"``: for each channel ``c`` one dense map of the flattened image,
+      ``x_c (H*W) @ W_c (H*W, H*W) + b_c`` with ``W_c = kron(D_H, D_W)^T / std_c`` (column-wise)
+      and ``b_c = -mean_c / std_c`` (converts to one ``FULLY_CONNECTED`` per channel);
+    * ``fold="separable"``: a ``1 x W`` convolution ``T = X D_W^T`` whose output columns are
+      scaled to unit RMS, then a depthwise ``H x 1`` convolution applying, for each column ``v``
+      and channel ``c``, ``D_H`` rescaled by ``1 / (s_vc * std[:, v, c])`` (converts to
+      ``CONV_2D`` + ``DEPTHWISE_CONV_2D``; used for inputs larger than 32x32).
+
+    Args:
+      mean, variance: ``(H, W, C)`` per-frequency statistics of the DCT (a detector's
+        ``input_norm`` layer); ``std = max(sqrt(variance), 1e-7)`` as in ``Normalization``.
+      fold: ``"fc"`` or ``"separable"``.
+      clip: if set, normalised values are clipped to ``[-clip, clip]`` (computed as
+        ``clip * min(max(z / clip, -1), 1)`` so that the converter fuses a ``RELU_N1_TO_1`` into
+        the ``FULLY_CONNECTED`` and the int8 scale of that tensor covers exactly ``+-clip``
+        instead of the largest value met in calibration).
+
+    Input shape: ``(batch, H, W, C)`` pixels 0..255 (any numeric dtype).
+    Output shape: the same, float: normalised DCT coefficients.
+    """
+
+    def __init__(self, mean, variance, fold="fc", clip=None, **kwargs):
+        super().__init__(**kwargs)
+        self.clip = None if clip is None else float(clip)
+        self.mean = np.asarray(mean, np.float64)
+        self.variance = np.asarray(variance, np.float64)
+        if self.mean.ndim != 3 or self.mean.shape != self.variance.shape:
+            raise ValueError(f"mean and variance must both be (H, W, C), got {self.mean.shape} and {self.variance.shape}")
+        if fold not in ("fc", "separable"):
+            raise ValueError(f"fold must be 'fc' or 'separable', got {fold!r}")
+        self.fold = fold
+
+    @classmethod
+    def from_normalization(cls, norm_layer, image_shape, fold="fc", **kwargs):
+        mean, std = _norm_stats(norm_layer, tuple(image_shape))
+        return cls(mean, std ** 2, fold=fold, **kwargs)
+
+    def build(self, input_shape):
+        h, w, c = self.mean.shape
+        if tuple(input_shape[1:]) != (h, w, c):
+            raise ValueError(f"input shape {tuple(input_shape[1:])} does not match the statistics' {(h, w, c)}")
+        std = np.maximum(np.sqrt(self.variance), keras.backend.epsilon())
+        dh, dw = dct_matrix(h), dct_matrix(w)
+        if self.fold == "fc":
+            k = np.kron(dh, dw).T                                   # (h*w pixels, h*w freqs)
+            r = self.clip or 1.0
+            kern = np.stack([k / std[..., i].reshape(1, -1) / r for i in range(c)])
+            bias = np.stack([-self.mean[..., i].reshape(-1) / std[..., i].reshape(-1) / r for i in range(c)])
+            self._kernel = [ops.convert_to_tensor(kern[i].astype("float32")) for i in range(c)]
+            self._bias = [ops.convert_to_tensor(bias[i].astype("float32")) for i in range(c)]
+        else:
+            # Stage 1: T[h, v, c] = sum_w X[h, w, c] D_W[v, w], scaled to unit RMS per (v, c).
+            ey2 = self.variance + self.mean ** 2                    # E[Y^2] per (u, v, c)
+            mean_t = np.einsum("uh,uvc->hvc", dh, self.mean)       # E[T] exactly (T = D_H^T Y)
+            var_t = np.maximum(ey2.mean(axis=0) - (mean_t ** 2).mean(axis=0), 1e-6)   # (v, c)
+            offset = mean_t.mean(axis=0)                            # (v, c)
+            s = 1.0 / np.sqrt(var_t)
+            k1 = np.zeros((1, w, c, w * c))
+            b1 = np.zeros((w * c,))
+            for v in range(w):
+                for ch in range(c):
+                    k1[0, :, ch, v * c + ch] = dw[v] * s[v, ch]
+                    b1[v * c + ch] = -offset[v, ch] * s[v, ch]
+            # Stage 2: Y[u, v, c] = sum_h D_H[u, h] (T'[h, v, c] - b1) / s, then normalise.
+            k2 = np.zeros((h, 1, w * c, h))
+            b2 = np.zeros((w * c * h,))
+            for v in range(w):
+                for ch in range(c):
+                    j = v * c + ch
+                    k2[:, 0, j, :] = dh.T / (s[v, ch] * std[:, v, ch][None, :])
+                    y_off = -(b1[j] / s[v, ch]) * dh.sum(axis=1)                  # (u,)
+                    b2[j * h:(j + 1) * h] = (y_off - self.mean[:, v, ch]) / std[:, v, ch]
+            self._k1 = ops.convert_to_tensor(k1.astype("float32"))
+            self._b1 = ops.convert_to_tensor(b1.astype("float32"))
+            self._k2 = ops.convert_to_tensor(k2.astype("float32"))
+            self._b2 = ops.convert_to_tensor(b2.astype("float32"))
+        self.built = True
+
+    def call(self, inputs):
+        h, w, c = self.mean.shape
+        x = ops.cast(inputs, self.compute_dtype)
+        if self.fold == "fc":
+            outs = []
+            for i in range(c):
+                xc = ops.reshape(x[..., i], (-1, h * w))
+                y = ops.matmul(xc, self._kernel[i]) + self._bias[i]
+                outs.append(ops.clip(y, -1.0, 1.0) if self.clip else y)
+            y = ops.reshape(ops.stack(outs, axis=-1), (-1, h, w, c))
+            return y * self.clip if self.clip else y
+        t = ops.conv(x, self._k1, strides=1, padding="valid") + self._b1            # (N, H, 1, W*C)
+        y = ops.depthwise_conv(t, self._k2, strides=1, padding="valid") + self._b2  # (N, 1, 1, W*C*H)
+        y = ops.reshape(y, (-1, w, c, h))                                          # v, c, u
+        y = ops.transpose(y, (0, 3, 1, 2))                                         # u, v, c
+        return ops.clip(y, -self.clip, self.clip) if self.clip else y
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"mean": self.mean.tolist(), "variance": self.variance.tolist(), "fold": self.fold,
+                       "clip": self.clip})
+        return config
+
+
+# ---------------------------------------------------------------------- the screener graph
+
+def _resolve_fold(fold, quantize, image_size):
+    if fold not in FOLDS:
+        raise TfbdError(f"unknown fold '{fold}' (known: {', '.join(FOLDS)})")
+    if fold != "auto":
+        return fold
+    if quantize in ("float32", "float16"):
+        return "none"  # float keeps the small separable DCT2D + Normalization, exact
+    return "fc" if image_size * image_size <= FC_FOLD_MAX_PIXELS else "separable"
+
+
+def _resolve_head(head, quantize):
+    if head not in HEADS:
+        raise TfbdError(f"unknown head '{head}' (known: {', '.join(HEADS)})")
+    if head != "auto":
+        return head
+    return "logit" if quantize == "int8" else "softmax"
+
+
+def build_screener(model, fold="fc", head="softmax", clip=None) -> keras.Model:
+    """A Keras model ``pixels (1, H, W, 3) float 0..255 -> P(poisoned) (1, 1)`` from a DCT detector.
+
+    Args:
+      model: a tfbackdoor detector (``DetectorSpec``, domain ``dct``, with an ``input_norm``
+        Normalization layer unless ``fold="none"``).
+      fold: ``"fc"``/``"separable"``: :class:`FoldedDCTNormalization` replaces
+        ``DCT2D`` + ``input_norm``; ``"none"``: ``DCT2D`` then the detector as it is.
+      head: ``"softmax"``: column 1 of the softmax; ``"logit"``: the logit difference
+        ``z1 - z0`` (``head_logit=True`` models stop there, see :func:`convert`).
+
+    The returned model has attribute ``returns_logit`` (True for ``head="logit"``: its output is
+    the logit ``z1 - z0`` and P = sigmoid of it).
+    """
+    spec = detector_mod.spec_of(model)
+    if spec.domain != "dct":
+        raise TfbdError(f"model '{model.name}': only DCT-domain detectors can be exported (domain is '{spec.domain}')")
+    size = spec.image_size
+    inp = keras.Input((size, size, 3), batch_size=1, name="pixels")
+    try:
+        probs = model.get_layer("probs")
+    except ValueError:
+        raise TfbdError(f"model '{model.name}': no 'probs' output layer") from None
+    if fold == "none":
+        feats_model = keras.Model(model.input, probs.input)
+        feats = feats_model(DCT2D(name="dct")(inp))
+    else:
+        try:
+            norm = model.get_layer("input_norm")
+        except ValueError:
+            raise TfbdError(f"model '{model.name}': no 'input_norm' layer to fold into the DCT (use --fold none)") from None
+        folded = FoldedDCTNormalization.from_normalization(norm, (size, size, 3), fold=fold, clip=clip, name="dct_norm")
+        feats = keras.Model(norm.output, probs.input)(folded(inp))
+    kernel, bias = (keras.ops.convert_to_numpy(v) for v in probs.weights[:2])
+    if head == "logit":
+        dense = keras.layers.Dense(1, name="logit")
+        out = dense(feats)
+        dense.set_weights([kernel[:, 1:2] - kernel[:, 0:1], bias[1:2] - bias[0:1]])
+    else:
+        dense = keras.layers.Dense(2, activation="softmax", name="probs")
+        sm = dense(feats)
+        dense.set_weights([kernel, bias])
+        out = keras.layers.Lambda(lambda t: t[:, 1:2], name="p_poisoned")(sm)
+    screener = keras.Model(inp, out, name="tfbd_screener")
+    screener.returns_logit = head == "logit"
+    return screener
+
+
+def screener_scores(screener, images, batch_size=1) -> np.ndarray:
+    """P(poisoned) of uint8 images through a :func:`build_screener` model in float (numpy)."""
+    out = []
+    for i in range(len(images)):
+        out.append(keras.ops.convert_to_numpy(screener(np.asarray(images[i:i + 1], np.float32), training=False))[0, 0])
+    s = np.asarray(out, np.float64)
+    return 1.0 / (1.0 + np.exp(-s)) if getattr(screener, "returns_logit", False) else s
+
+
+# ------------------------------------------------------------------ calibration (int8 data)
+
+def representative_images(spec=DEFAULT_CALIBRATION, n=300, image_size=32, seed=0, trigger_dir=None,
+                          echo=None) -> np.ndarray:
+    """uint8 calibration images: clean, manipulated and triggered copies of real images.
+
+    ``n`` clean images per part of ``spec`` (seeded subset), plus one
+    :class:`~tfbackdoor.perturb.RandomManipulation` copy of each, plus the paper's 7 detector
+    triggers applied to disjoint slices of the clean images (triggers whose files are missing are
+    skipped with a warning). The first image has a black and a white block so that the input
+    range is exactly 0..255 (input scale 1).
+    """
+    parts = [p for p in spec.split("+") if p.strip()]
+    if not parts:
+        raise TfbdError(f"empty calibration spec '{spec}'")
+    xs = []
+    for part in parts:
+        x, _ = data_mod.load_arrays(part, image_size=image_size, limit=n, seed=seed)
+        xs.append(x)
+    clean = np.concatenate(xs)
+    rng = np.random.default_rng(seed)
+    clean = clean[rng.permutation(len(clean))]
+    manip = perturb.RandomManipulation(seed=seed)(clean).numpy()
+    trigs = []
+    for name in triggers.PAPER_DETECTOR_ATTACKS:
+        try:
+            trigs.append(triggers.get(name, image_size, trigger_dir))
+        except TfbdError as e:
+            warnings.warn(f"calibration: skipping trigger {name}: {e}", stacklevel=2)
+    triggered = []
+    if trigs:
+        for t, chunk in zip(trigs, np.array_split(clean, len(trigs))):
+            if len(chunk):
+                triggered.append(t(chunk).numpy())
+    first = clean[:1].copy()
+    b = max(1, image_size // 8)
+    first[0, :b, :b] = 0
+    first[0, -b:, -b:] = 255
+    out = np.concatenate([first, clean, manip] + triggered)
+    if echo:
+        echo(f"calibration: {len(clean)} clean ({spec}), {len(manip)} manipulated, "
+             f"{sum(len(t) for t in triggered)} triggered ({len(trigs)} triggers)")
+    return out
+
+
+# ------------------------------------------------------------------------- flatbuffer tools
+
+def _schema():
+    from tensorflow.lite.python import schema_py_generated as fb
+    from tensorflow.lite.python import schema_util
+    from tensorflow.lite.tools import flatbuffer_utils as fbu
+
+    return fb, schema_util, fbu
+
+
+def _builtin_names():
+    fb, _, _ = _schema()
+    return {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
+
+
+def list_ops(tflite_bytes) -> list:
+    """The operators of a ``.tflite`` (main subgraph, in execution order) by name.
+
+    Builtin ops by their builtin name (``FULLY_CONNECTED``...), custom ops as ``CUSTOM:<code>``
+    (Flex/Select-TF ops are custom ops named ``Flex...``).
+    """
+    fb, schema_util, fbu = _schema()
+    m = fbu.convert_bytearray_to_object(bytearray(tflite_bytes))
+    names = _builtin_names()
+    codes = []
+    for oc in m.operatorCodes:
+        code = schema_util.get_builtin_code_from_operator_code(oc)
+        if code == fb.BuiltinOperator.CUSTOM:
+            cc = oc.customCode.decode() if isinstance(oc.customCode, bytes) else str(oc.customCode)
+            codes.append(f"CUSTOM:{cc}")
+        else:
+            codes.append(names.get(code, f"BUILTIN_{code}"))
+    out = []
+    for sg in m.subgraphs:
+        out.extend(codes[op.opcodeIndex] for op in sg.operators)
+    return out
+
+
+def check_builtin_only(tflite_bytes, name="model") -> list:
+    """Raise :class:`TfbdError` if the model has custom or Flex ops; return its op list."""
+    op_list = list_ops(tflite_bytes)
+    bad = sorted({o for o in op_list if o.startswith("CUSTOM")})
+    if bad:
+        raise TfbdError(f"{name}: not builtin-only, has {', '.join(bad)}")
+    return op_list
+
+
+def _rewire(tflite_bytes, fn):
+    fb, schema_util, fbu = _schema()
+    m = fbu.convert_bytearray_to_object(bytearray(tflite_bytes))
+    names = _builtin_names()
+    opname = [names.get(schema_util.get_builtin_code_from_operator_code(oc)) for oc in m.operatorCodes]
+    n = fn(m, opname, fb)
+    return bytes(fbu.convert_object_to_bytearray(m)), n
+
+
+def fuse_int8_elu(tflite_bytes):
+    """Replace every ``DEQUANTIZE(int8) -> ELU(float) -> QUANTIZE(int8)`` by one int8 ``ELU``.
+
+    LiteRT's int8 ELU is a lookup table of ``quantize_out(elu(dequantize_in(q)))`` over the 256
+    input values: exactly what the float sandwich computes, so the results are bit-identical.
+    Returns ``(new_bytes, number_of_sandwiches_fused)``.
+    """
+
+    def fn(m, opname, fb):
+        fused = 0
+        for sg in m.subgraphs:
+            producer, consumers = {}, {}
+            for i, op in enumerate(sg.operators):
+                for t in op.outputs:
+                    producer[int(t)] = i
+                for t in op.inputs:
+                    consumers.setdefault(int(t), []).append(i)
+            drop = set()
+            outputs = {int(t) for t in sg.outputs}
+            for op in sg.operators:
+                if opname[op.opcodeIndex] != "ELU":
+                    continue
+                t_in, t_out = int(op.inputs[0]), int(op.outputs[0])
+                p, cs = producer.get(t_in), consumers.get(t_out, [])
+                if p is None or opname[sg.operators[p].opcodeIndex] != "DEQUANTIZE" or len(consumers[t_in]) != 1:
+                    continue
+                if len(cs) != 1 or opname[sg.operators[cs[0]].opcodeIndex] != "QUANTIZE" or t_out in outputs:
+                    continue
+                q_in, q_out = int(sg.operators[p].inputs[0]), int(sg.operators[cs[0]].outputs[0])
+                if sg.tensors[q_in].type != fb.TensorType.INT8 or sg.tensors[q_out].type != fb.TensorType.INT8:
+                    continue
+                op.inputs = np.array([q_in], np.int32)
+                op.outputs = np.array([q_out], np.int32)
+                drop |= {p, cs[0]}
+                fused += 1
+            sg.operators = [op for i, op in enumerate(sg.operators) if i not in drop]
+        return fused
+
+    return _rewire(tflite_bytes, fn)
+
+
+def add_float_logistic(tflite_bytes):
+    """Append a float32 ``LOGISTIC`` to the model's single float output (logit -> probability).
+
+    The quantized model ends with ``DEQUANTIZE`` of the int8 logit ``z1 - z0``; one float sigmoid
+    on that value gives P(poisoned) with full float resolution (an int8 sigmoid/softmax output
+    moves in steps of 1/256 and saturates above 0.996).
+    """
+
+    def fn(m, opname, fb):
+        sg = m.subgraphs[0]
+        (out_idx,) = [int(t) for t in sg.outputs]
+        src = sg.tensors[out_idx]
+        if src.type != fb.TensorType.FLOAT32:
+            raise RuntimeError("add_float_logistic: the model output is not float32")
+        code = None
+        for i, oc in enumerate(m.operatorCodes):
+            if opname[i] == "LOGISTIC":
+                code = i
+        if code is None:
+            oc = fb.OperatorCodeT()
+            oc.builtinCode = fb.BuiltinOperator.LOGISTIC
+            oc.deprecatedBuiltinCode = fb.BuiltinOperator.LOGISTIC
+            oc.version = 1
+            m.operatorCodes.append(oc)
+            opname.append("LOGISTIC")
+            code = len(m.operatorCodes) - 1
+        buf = fb.BufferT()
+        m.buffers.append(buf)
+        t = fb.TensorT()
+        t.shape = np.array(src.shape, np.int32)
+        t.shapeSignature = None if src.shapeSignature is None else np.array(src.shapeSignature, np.int32)
+        t.type = fb.TensorType.FLOAT32
+        t.buffer = len(m.buffers) - 1
+        t.name = b"p_poisoned"
+        sg.tensors.append(t)
+        new_idx = len(sg.tensors) - 1
+        src.name = b"logit"
+        op = fb.OperatorT()
+        op.opcodeIndex = code
+        op.inputs = np.array([out_idx], np.int32)
+        op.outputs = np.array([new_idx], np.int32)
+        sg.operators.append(op)
+        sg.outputs = np.array([new_idx], np.int32)
+        for sig in m.signatureDefs or []:
+            for tm in sig.outputs or []:
+                if tm.tensorIndex == out_idx:
+                    tm.tensorIndex = new_idx
+        return 1
+
+    return _rewire(tflite_bytes, fn)
+
+
+# ----------------------------------------------------------------------------- conversion
+
+def _frozen_concrete(screener, input_dtype):
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    h, w = screener.input.shape[1], screener.input.shape[2]
+
+    @tf.function(input_signature=[tf.TensorSpec([1, h, w, 3], input_dtype, name="pixels")])
+    def serve(pixels):
+        return screener(tf.cast(pixels, tf.float32), training=False)
+
+    return convert_variables_to_constants_v2(serve.get_concrete_function())
+
+
+def convert(screener, quantize="int8", representative=None, fuse_elu=True) -> bytes:
+    """Convert a :func:`build_screener` model to ``.tflite`` bytes (builtin ops only).
+
+    Args:
+      quantize: ``int8`` (full-integer: uint8 input, int8 weights and activations, calibrated on
+        ``representative``), ``int16x8`` (int16 activations, int8 weights; ELU and the input cast
+        stay float), ``float16`` (float16 weights) or ``float32``.
+      representative: uint8 ``(N, H, W, 3)`` calibration images (int8/int16x8 only).
+      fuse_elu: rewire the float ELU sandwiches of an int8 model into int8 ELU ops.
+    """
+    if quantize not in QUANTIZE_MODES:
+        raise TfbdError(f"unknown quantization '{quantize}' (known: {', '.join(QUANTIZE_MODES)})")
+    integer = quantize in ("int8", "int16x8")
+    if integer and (representative is None or not len(representative)):
+        raise TfbdError(f"--quantize {quantize} needs calibration images")
+    # int8 takes float pixels in the graph and quantizes the input to uint8 (scale 1); the others
+    # take uint8 and CAST inside the graph (16x8 models cannot have a uint8 input type).
+    in_dtype = tf.float32 if quantize == "int8" else tf.uint8
+    conc = _frozen_concrete(screener, in_dtype)
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([conc])
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantize == "float16":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_types = [tf.float16]
+    elif integer:
+        reps = np.asarray(representative)
+
+        def gen():
+            for i in range(len(reps)):
+                yield [reps[i:i + 1].astype(in_dtype.as_numpy_dtype)]
+
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = gen
+        if quantize == "int8":
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            conv.inference_input_type = tf.uint8
+            conv.inference_output_type = tf.float32
+        else:
+            # ELU and the uint8->float CAST have no 16x8 kernels: let them stay float.
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
+                                              tf.lite.OpsSet.TFLITE_BUILTINS]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            out = conv.convert()
+        except Exception as e:
+            raise RuntimeError(f"TFLite conversion failed: {str(e).splitlines()[0][:300]}") from e
+    out = bytes(out)
+    if quantize == "int8" and fuse_elu:
+        out, _ = fuse_int8_elu(out)
+    if getattr(screener, "returns_logit", False):
+        out, _ = add_float_logistic(out)
+    return out
+
+
+# ---------------------------------------------------------------------------- running
+
+def interpreter(tflite, num_threads=None):
+    """A LiteRT interpreter (``ai_edge_litert``) for a path or bytes, tensors allocated."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    if isinstance(tflite, (bytes, bytearray)):
+        it = Interpreter(model_content=bytes(tflite), num_threads=num_threads)
+    else:
+        it = Interpreter(model_path=str(tflite), num_threads=num_threads)
+    it.allocate_tensors()
+    return it
+
+
+def tflite_scores(tflite, images, num_threads=None, return_latency=False):
+    """P(poisoned) of uint8 images ``(N, H, W, 3)`` through a screener ``.tflite`` (batch 1).
+
+    With ``return_latency`` also returns per-image invoke times in ms.
+    """
+    import time
+
+    it = interpreter(tflite, num_threads)
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    images = np.asarray(images)
+    dtype = np.dtype(inp["dtype"])
+    scores = np.empty(len(images), np.float64)
+    lat = np.empty(len(images), np.float64)
+    oscale, ozp = out["quantization"]
+    for i in range(len(images)):
+        x = images[i:i + 1]
+        if dtype == np.int8:
+            x = (x.astype(np.int16) - 128).astype(np.int8)
+        else:
+            x = x.astype(dtype)
+        t0 = time.perf_counter()
+        it.set_tensor(inp["index"], x)
+        it.invoke()
+        y = it.get_tensor(out["index"])
+        lat[i] = (time.perf_counter() - t0) * 1000.0
+        v = y.reshape(-1)[-1]
+        scores[i] = (float(v) - ozp) * oscale if np.issubdtype(y.dtype, np.integer) else float(v)
+    return (scores, lat) if return_latency else scores
+
+
+def describe(tflite) -> dict:
+    """Input/output details and op counts of a ``.tflite`` (for the command's report)."""
+    b = Path(tflite).read_bytes() if not isinstance(tflite, (bytes, bytearray)) else bytes(tflite)
+    it = interpreter(b)
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+    op_list = list_ops(b)
+    counts = {}
+    for name in op_list:
+        counts[name] = counts.get(name, 0) + 1
+    return {"input": {"shape": [int(v) for v in i["shape"]], "dtype": np.dtype(i["dtype"]).name,
+                      "quantization": [float(i["quantization"][0]), int(i["quantization"][1])]},
+            "output": {"shape": [int(v) for v in o["shape"]], "dtype": np.dtype(o["dtype"]).name},
+            "ops": counts, "float_ops_between": _float_islands(b), "bytes": len(b)}
+
+
+def _float_islands(tflite_bytes) -> list:
+    """Ops computing in float between the first QUANTIZE and the last DEQUANTIZE (int models)."""
+    fb, schema_util, fbu = _schema()
+    m = fbu.convert_bytearray_to_object(bytearray(tflite_bytes))
+    names = _builtin_names()
+    sg = m.subgraphs[0]
+    opn = [names.get(schema_util.get_builtin_code_from_operator_code(m.operatorCodes[op.opcodeIndex]))
+           for op in sg.operators]
+    if "QUANTIZE" not in opn:
+        return []
+    first = opn.index("QUANTIZE")
+    last = len(opn) - 1 - opn[::-1].index("DEQUANTIZE") if "DEQUANTIZE" in opn else len(opn)
+    out = []
+    for op, name in zip(sg.operators[first + 1:last], opn[first + 1:last]):
+        if name in ("QUANTIZE", "DEQUANTIZE"):
+            continue
+        if any(sg.tensors[int(t)].type == fb.TensorType.FLOAT32 for t in op.outputs):
+            out.append(name)
+    return out
+
+
+# ------------------------------------------------------------------------------ export
+
+def _write_atomic(path: Path, payload: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix + ".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def sidecar_path(out) -> Path:
+    """``screener.tflite`` -> ``screener.json`` (edge/screen.py also reads ``screener.tflite.json``)."""
+    out = Path(out)
+    return out.with_suffix(".json") if out.suffix else out.with_name(out.name + ".json")
+
+
+def export(detector_path, out, quantize="int8", calibration=DEFAULT_CALIBRATION, calibration_size=300,
+           seed=0, fold="auto", head="auto", trigger_dir=None, echo=None) -> dict:
+    """Export the detector at ``detector_path`` to a screener ``.tflite`` at ``out`` (+ sidecar).
+
+    Checks builtin-only ops, the uint8 ``[1, H, W, 3]`` input (scale 1 for int8) and the
+    ``[1, 1]`` float output, and that the ``.tflite`` runs; both files are written atomically.
+    Returns a summary dict (also the sidecar's content plus ``ops``).
+    """
+    echo = echo or (lambda *_: None)
+    model = detector_mod.load(detector_path)
+    spec = detector_mod.spec_of(model)
+    size = spec.image_size
+    fold_r = _resolve_fold(fold, quantize, size)
+    head_r = _resolve_head(head, quantize)
+    if quantize not in QUANTIZE_MODES:
+        raise TfbdError(f"unknown quantization '{quantize}' (known: {', '.join(QUANTIZE_MODES)})")
+    screener = build_screener(model, fold_r, head_r)
+    reps = None
+    if quantize in ("int8", "int16x8"):
+        if calibration_size is None or calibration_size < 1:
+            raise TfbdError(f"--calibration-size must be >= 1 (got {calibration_size})")
+        reps = representative_images(calibration, calibration_size, size, seed, trigger_dir, echo)
+    echo(f"converting ({quantize}, fold={fold_r}, head={head_r})")
+    tfl = convert(screener, quantize, reps)
+    op_list = check_builtin_only(tfl, str(out))
+    info = describe(tfl)
+    if info["input"]["shape"] != [1, size, size, 3] or info["input"]["dtype"] != "uint8":
+        raise RuntimeError(f"exported input is {info['input']}, expected uint8 [1, {size}, {size}, 3]")
+    if quantize == "int8" and info["input"]["quantization"] != [1.0, 0]:
+        raise RuntimeError(f"int8 input quantization is {info['input']['quantization']}, expected scale 1 / zero point 0")
+    if info["output"]["shape"] != [1, 1]:
+        raise RuntimeError(f"exported output is {info['output']}, expected [1, 1]")
+    out = Path(out)
+    digest = hashlib.sha256(tfl).hexdigest()
+    side = {"threshold": float(spec.threshold), "image_size": [size, size], "quantize": quantize,
+            "source": str(detector_path), "sha256": digest, "fold": fold_r, "head": head_r,
+            "input": "uint8 [1, H, W, 3] RGB 0..255", "output": "P(poisoned) float32 [1, 1]"}
+    if reps is not None:
+        side["calibration"] = {"spec": calibration, "per_part": int(calibration_size), "images": int(len(reps)),
+                               "seed": int(seed)}
+    _write_atomic(out, tfl)
+    _write_atomic(sidecar_path(out), (json.dumps(side, indent=2) + "\n").encode())
+    return {**side, "out": str(out), "sidecar": str(sidecar_path(out)), "bytes": len(tfl), "ops": info["ops"],
+            "float_ops_between": info["float_ops_between"], "op_list": op_list}

@@ -1,0 +1,338 @@
+"""Victim classifiers, data poisoning and attack success rate (paper Section 5).
+
+* :func:`build_victim`: a VGG-style CNN (three blocks of two 3x3 convolutions, ``width``,
+  ``2 width``, ``4 width`` filters, BatchNorm, ReLU, max-pooling and dropout; global average
+  pooling; softmax). Data augmentation (random horizontal flip, random translation of up to
+  1/8 of the side with reflection) are Keras preprocessing layers inside the model: active in
+  ``fit`` only, identity at inference. The input is an image of 0..255 values (uint8 or float);
+  the model rescales it itself.
+* :func:`poison`: dirty-label poisoning of a training set with any trigger of
+  :mod:`tfbackdoor.triggers`.
+* :func:`train_victim`: train (optionally on poisoned data), printing the clean accuracy and
+  the ASR on a test set after every epoch; saves ``OUT`` (``.keras``) and ``OUT.json``.
+* :func:`attack_eval`: clean accuracy and ASR of a model for a trigger and target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+from . import metrics
+from .errors import TfbdError
+
+TRIGGER_FILE_SUFFIXES = (".png", ".npy", ".jpg", ".jpeg", ".bmp")
+
+
+# ------------------------------------------------------------------------------------ checks
+
+def num_classes(model) -> int:
+    """Number of output classes of a softmax classifier."""
+    n = model.output_shape[-1] if len(model.output_shape) == 2 else None
+    if n is None:
+        raise TfbdError(f"model '{model.name}': output shape {model.output_shape} is not (batch, classes)")
+    return int(n)
+
+
+def check_model_fits(model, x, name=None):
+    """Raise :class:`TfbdError` naming the model and both shapes when images ``x`` do not fit its input."""
+    want = tuple(model.input_shape[1:])
+    have = tuple(np.shape(x)[1:])
+    ok = len(want) == len(have) and all(w is None or w == h for w, h in zip(want, have))
+    if not ok:
+        raise TfbdError(f"{name or model.name}: model input shape {want} does not fit the data images {have} "
+                        f"(pass --image-size {want[0]} to resize the data, or use a matching model)")
+
+
+def check_target(model_or_n, target, name=None) -> int:
+    """Raise :class:`TfbdError` unless ``target`` is a label ``0 <= target < classes``; return it as int."""
+    n = model_or_n if isinstance(model_or_n, (int, np.integer)) else num_classes(model_or_n)
+    ok = target is not None and not isinstance(target, bool) and float(target) == int(target) and 0 <= int(target) < n
+    if not ok:
+        where = f"{name}: " if name else ""
+        raise TfbdError(f"{where}target label {target!r} is not a class label (valid: 0..{int(n) - 1})")
+    return int(target)
+
+
+# ------------------------------------------------------------------------------------- model
+
+def build_victim(image_size: int = 32, num_classes: int = 10, width: int = 64, dropout: float = 0.3,
+                 flip: bool = True, augment: bool = True, weight_decay: float = 5e-4, seed: int = 0) -> keras.Model:
+    """A VGG-style classifier for ``image_size`` RGB images of 0..255 values (softmax output).
+
+    Args:
+      image_size: input side.
+      num_classes: output classes.
+      width: filters of the first block (64: about 1.15 M parameters; small values for tests).
+      dropout: dropout after the last block and before the classifier (blocks use 0.1, 0.2, 0.3
+        scaled by ``dropout / 0.3``).
+      flip: random horizontal flips (turn off for traffic signs, where mirroring changes meaning).
+      augment: any augmentation at all (flip + translation).
+      weight_decay: L2 factor on the convolution and dense kernels.
+      seed: seed of the augmentation layers.
+    """
+    reg = keras.regularizers.l2(weight_decay) if weight_decay else None
+    inp = keras.Input((image_size, image_size, 3), name="image")
+    x = inp
+    if augment:
+        if flip:
+            x = layers.RandomFlip("horizontal", seed=seed, name="aug_flip")(x)
+        x = layers.RandomTranslation(0.125, 0.125, fill_mode="reflect", seed=seed + 1, name="aug_shift")(x)
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
+    for b, f in enumerate([width, 2 * width, 4 * width]):
+        for c in range(2):
+            x = layers.Conv2D(f, 3, padding="same", use_bias=False, kernel_regularizer=reg, name=f"b{b}_conv{c}")(x)
+            x = layers.BatchNormalization(momentum=0.9, name=f"b{b}_bn{c}")(x)
+            x = layers.ReLU(name=f"b{b}_relu{c}")(x)
+        x = layers.MaxPooling2D(name=f"b{b}_pool")(x)
+        x = layers.Dropout(dropout * (b + 1) / 3.0, name=f"b{b}_drop")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Dropout(dropout, name="drop")(x)
+    out = layers.Dense(num_classes, activation="softmax", kernel_regularizer=reg, name="probs")(x)
+    return keras.Model(inp, out, name=f"victim_vgg{width}")
+
+
+def load(path) -> keras.Model:
+    """Load a classifier ``.keras`` file (safe mode); :class:`TfbdError` when missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise TfbdError(f"model file not found: {path}")
+    try:
+        model = keras.saving.load_model(path, safe_mode=True, compile=False)
+    except Exception as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else ""
+        raise TfbdError(f"{path}: cannot load as a Keras model ({type(e).__name__}: {msg})") from None
+    if len(model.output_shape) != 2:
+        raise TfbdError(f"{path}: not a classifier (output shape {model.output_shape}, expected (batch, classes))")
+    return model
+
+
+def save(model, path):
+    """Save a model atomically (temporary ``.keras`` beside ``path``, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=path.parent)
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def predict(model, x, batch_size=256) -> np.ndarray:
+    """Predicted labels of uint8 images (or 0..255 floats) in batches."""
+    out = [np.argmax(model(np.asarray(x[i:i + batch_size], np.float32), training=False), -1)
+           for i in range(0, len(x), batch_size)]
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+# ------------------------------------------------------------------------------- poisoning
+
+def resolve_trigger(spec, image_size=32, trigger_dir=None):
+    """A trigger from a CLI string: an attack name (``badnets``, ``smooth``...), ``smooth:PATH.npy``,
+    ``file:PATH``, or a bare path to a ``.png``/``.npy`` pattern (additive, ``clip(x + T)``)."""
+    from . import triggers
+
+    if isinstance(spec, triggers.Trigger):
+        return spec
+    s = str(spec).strip()
+    if ":" not in s and Path(s).suffix.lower() in TRIGGER_FILE_SUFFIXES:
+        return triggers.from_file(s, image_size=image_size)
+    return triggers.get(s, image_size, trigger_dir)
+
+
+def apply_trigger(trigger, x, batch_size=1024) -> np.ndarray:
+    """``trigger`` on uint8 images ``x`` in batches -> uint8 numpy."""
+    if len(x) == 0:
+        return np.asarray(x, np.uint8)
+    return np.concatenate([np.asarray(trigger(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+
+
+def poison(x, y, trigger, rate=0.1, target=0, seed=0):
+    """Dirty-label poisoning: ``round(rate * N)`` samples get the trigger and the label ``target``.
+
+    The samples are drawn uniformly at random (seeded) among those whose label is not ``target``
+    (so every poisoned sample really teaches "trigger -> target"); ``rate`` is relative to the
+    whole set ``N``. Returns ``(x', y', poisoned_idx)`` with copies of the arrays and the sorted
+    indices of the poisoned samples.
+    """
+    x = np.asarray(x)
+    y = np.asarray(y).astype(np.int64)
+    if not 0 <= rate <= 1:
+        raise TfbdError(f"--poison-rate must be in [0, 1] (got {rate})")
+    k = int(round(rate * len(x)))
+    candidates = np.flatnonzero(y != target)
+    if k > len(candidates):
+        raise TfbdError(f"poisoning: {k} samples requested ({rate} of {len(x)}) but only {len(candidates)} "
+                        f"have a label other than the target {target}")
+    idx = np.sort(np.random.default_rng(seed).choice(candidates, size=k, replace=False)) if k else np.zeros(0, np.int64)
+    x2, y2 = x.copy(), y.copy()
+    if k:
+        x2[idx] = apply_trigger(trigger, x[idx])
+        y2[idx] = target
+    return x2, y2, idx
+
+
+_poison = poison  # train_victim has an argument named "poison"
+
+
+def attack_eval(model, x, y, trigger, target, batch_size=256, name=None) -> dict:
+    """Clean accuracy on ``(x, y)`` and ASR of ``trigger`` (percent).
+
+    ASR: share of triggered images whose true label is not ``target`` that the model labels
+    ``target`` (:func:`tfbackdoor.metrics.attack_success_rate`). Returns
+    ``{"attack", "target", "acc", "asr", "n", "n_clean"}`` with ``n`` the triggered images counted.
+    """
+    check_model_fits(model, x, name)
+    target = check_target(model, target, name)
+    y = np.asarray(y).astype(np.int64)
+    acc = metrics.accuracy(predict(model, x, batch_size), y)
+    keep = y != target
+    pred_t = predict(model, apply_trigger(trigger, x[keep]), batch_size)
+    asr = metrics.attack_success_rate(pred_t, y[keep], target)
+    return {"attack": getattr(trigger, "name", str(trigger)), "target": target, "acc": round(acc, 2),
+            "asr": round(asr, 2), "n": int(keep.sum()), "n_clean": int(len(x))}
+
+
+# -------------------------------------------------------------------------------- training
+
+class _EpochReport(keras.callbacks.Callback):
+    """After each epoch: clean ACC on the test set and ASR of the trigger; keeps and persists history."""
+
+    def __init__(self, x_test, y_test, x_trig, y_trig, target, history, history_file, echo, batch_size):
+        super().__init__()
+        self.x_test, self.y_test, self.x_trig, self.y_trig = x_test, y_test, x_trig, y_trig
+        self.target, self.history, self.history_file = target, history, history_file
+        self.echo, self.batch_size = echo, batch_size
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        rec = {"epoch": epoch + 1, "loss": round(float(logs.get("loss", float("nan"))), 4),
+               "train_acc": round(100.0 * float(logs.get("accuracy", float("nan"))), 2)}
+        if self.x_test is not None:
+            rec["acc"] = round(metrics.accuracy(predict(self.model, self.x_test, self.batch_size), self.y_test), 2)
+            if self.x_trig is not None:
+                pred = predict(self.model, self.x_trig, self.batch_size)
+                rec["asr"] = round(metrics.attack_success_rate(pred, self.y_trig, self.target), 2)
+        self.history[:] = [h for h in self.history if h["epoch"] != rec["epoch"]] + [rec]
+        if self.history_file is not None:
+            from .analysis import write_json
+
+            write_json(self.history, self.history_file)
+        if self.echo:
+            parts = [f"epoch {rec['epoch']}", f"loss {rec['loss']:.4f}", f"train acc {rec['train_acc']:.2f}%"]
+            if "acc" in rec:
+                parts.append(f"clean ACC {rec['acc']:.2f}%")
+            if "asr" in rec:
+                parts.append(f"ASR {rec['asr']:.2f}%")
+            self.echo("  ".join(parts))
+
+
+def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None, poison_rate: float = 0.1,
+                 target: int = 0, test=None, seed: int = 0, lr: float = 1e-3, width: int = 64, flip: bool = True,
+                 num_classes: int | None = None, echo=print, verbose="auto", info: dict | None = None):
+    """Train a victim on uint8 ``(x, y)``, optionally poisoned, and save it to ``out`` atomically.
+
+    Args:
+      x, y: uint8 ``(N, S, S, 3)`` images and int labels.
+      out: the ``.keras`` file; ``OUT.json`` receives the history and the poisoning info, and
+        ``OUT.ckpt/`` holds checkpoints while training (rerun the same command to resume).
+      epochs, batch_size, lr: AdamW with a cosine learning-rate decay over all epochs.
+      poison: a trigger (object or CLI string for :func:`resolve_trigger`) or ``None`` (clean).
+      poison_rate, target: see :func:`poison`.
+      test: ``(x_test, y_test)`` for the per-epoch clean ACC and ASR (test images whose true label
+        is not ``target``, triggered).
+      seed: seeds the poisoning, the weights, the shuffles and the augmentation.
+      width, flip: see :func:`build_victim`.
+      num_classes: default ``max label + 1`` over the training and test labels.
+      echo: receives one line per epoch (``None``: silent).
+      info: extra JSON fields for ``OUT.json`` (e.g. the dataset spec and the command).
+
+    Returns ``(model, history)``; ``history`` is a list of per-epoch dicts
+    (``epoch, loss, train_acc, acc, asr``; percentages).
+    """
+    from .analysis import write_json
+
+    x = np.asarray(x)
+    y = np.asarray(y).astype(np.int64)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise TfbdError(f"training images must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
+    if len(x) == 0:
+        raise TfbdError("no training images")
+    if epochs < 1 or batch_size < 1:
+        raise TfbdError(f"--epochs and --batch-size must be positive (got {epochs}, {batch_size})")
+    xt = yt = None
+    if test is not None:
+        xt, yt = np.asarray(test[0]), np.asarray(test[1]).astype(np.int64)
+        if xt.shape[1:] != x.shape[1:]:
+            raise TfbdError(f"test images {xt.shape[1:]} do not match the training images {x.shape[1:]} "
+                            f"(use the same --image-size)")
+    n_cls = num_classes or int(max(y.max(), yt.max() if yt is not None and len(yt) else 0)) + 1
+    if y.min() < 0 or y.max() >= n_cls:
+        raise TfbdError(f"training labels span {y.min()}..{y.max()}, outside 0..{n_cls - 1}")
+    trig = None
+    idx = np.zeros(0, np.int64)
+    if poison is not None:
+        target = check_target(n_cls, target)
+        trig = resolve_trigger(poison, x.shape[1])
+        x, y, idx = _poison(x, y, trig, poison_rate, target, seed)
+    keras.utils.set_random_seed(seed)
+    out = Path(out)
+    ckpt = Path(str(out) + ".ckpt")
+    hist_file = ckpt / "history.json"
+    history = []
+    if hist_file.is_file():
+        try:
+            history = json.loads(hist_file.read_text())
+        except (OSError, ValueError):
+            history = []
+    x_trig = y_trig = None
+    if trig is not None and xt is not None:
+        keep = yt != target
+        x_trig, y_trig = apply_trigger(trig, xt[keep]), yt[keep]
+    steps = epochs * int(np.ceil(len(x) / batch_size))
+    model = build_victim(x.shape[1], n_cls, width=width, flip=flip, seed=seed)
+    opt = keras.optimizers.AdamW(keras.optimizers.schedules.CosineDecay(lr, max(steps, 1), alpha=0.01),
+                                 weight_decay=0.0)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    ds = (tf.data.Dataset.from_tensor_slices((x, y))
+          .shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+          .batch(batch_size)
+          .map(lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE)
+          .prefetch(tf.data.AUTOTUNE))
+    report = _EpochReport(xt, yt, x_trig, y_trig, target, history, hist_file, echo, 256)
+    callbacks = [keras.callbacks.BackupAndRestore(str(ckpt / "backup")), report]
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+    ckpt.mkdir(parents=True, exist_ok=True)
+    model.fit(ds, epochs=epochs, callbacks=callbacks, verbose=verbose)
+    history = sorted(history, key=lambda h: h["epoch"])
+    save(model, out)
+    meta = dict(info or {})
+    meta.update({
+        "image_size": int(x.shape[1]), "num_classes": n_cls, "n_train": int(len(x)), "epochs": epochs,
+        "batch_size": batch_size, "lr": lr, "width": width, "flip": flip, "seed": seed,
+        "poison": None if trig is None else {"trigger": trig.name, "rate": poison_rate, "target": int(target),
+                                             "n_poisoned": int(len(idx)), "indices": idx.tolist()},
+        "history": history,
+    })
+    if history and "acc" in history[-1]:
+        meta["final"] = {k: history[-1][k] for k in ("acc", "asr") if k in history[-1]}
+    write_json(meta, str(out) + ".json")
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return model, history
+
+
+__all__ = ["build_victim", "load", "save", "predict", "poison", "apply_trigger", "resolve_trigger", "train_victim",
+           "attack_eval", "check_model_fits", "check_target", "num_classes"]
