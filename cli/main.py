@@ -244,6 +244,70 @@ def scan(detector_path, dataset, out, threshold, write_clean, limit, seed):
     click.echo(json.dumps(summary))
 
 
+# ----------------------------------------------------------------------- edge screener (export, screen)
+
+@main.command("export")
+@click.option("--detector", "detector_path", type=click.Path(), default=None, help="Detector .keras (default: shipped).")
+@click.option("--out", type=click.Path(), required=True, help="Screener .tflite (a sidecar OUT.json is written beside it).")
+@click.option("--quantize", type=click.Choice(["int8", "float16", "float32", "int16x8"]), default="int8", show_default=True,
+              help="int8: full-integer (uint8 input, calibrated); float16: float16 weights; float32: no quantization; "
+                   "int16x8: int16 activations (most faithful, but reference kernels: ~30x slower).")
+@click.option("--calibration", default="cifar10:train+gtsrb:train", show_default=True,
+              help="Clean images for int8 calibration (manipulated and triggered copies are added).")
+@click.option("--calibration-size", type=int, default=300, show_default=True, help="Clean calibration images per spec part.")
+@click.option("--fold", type=click.Choice(["auto", "fc", "separable", "none"]), default="auto", show_default=True,
+              help="How the DCT and input normalization become TFLite ops (auto: fc for int8 up to 32x32 px, "
+                   "separable above, none for float).")
+@click.option("--clip", type=float, default=None,
+              help="int8: clip normalized DCT values to +-CLIP before quantizing (default 12 with --fold fc; 0 = off).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@handle_errors
+def export_cmd(detector_path, out, quantize, calibration, calibration_size, fold, clip, seed, as_json):
+    """Export a detector as a LiteRT screener: uint8 [1,H,W,3] in, P(poisoned) [1,1] out, builtin ops only."""
+    _quiet_tf()
+    from tfbackdoor import export
+
+    summary = export.export(detector_path or None, out, quantize, calibration, calibration_size, seed=seed, fold=fold,
+                            clip=clip, echo=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in summary.items() if k != "op_list"}, indent=2))
+        return
+    ops = ", ".join(f"{k} x{v}" if v > 1 else k for k, v in summary["ops"].items())
+    click.echo(f"ops (builtin only): {ops}")
+    if summary["float_ops_between"]:
+        click.echo(f"float ops inside the quantized graph: {', '.join(summary['float_ops_between'])}")
+    click.echo(f"input uint8 [1, {summary['image_size'][0]}, {summary['image_size'][1]}, 3] -> output P(poisoned) float32 [1, 1]; "
+               f"threshold {summary['threshold']:.6g}")
+    click.echo(f"wrote {summary['out']} ({summary['bytes'] / 1e6:.2f} MB, {quantize}, fold={summary['fold']}) "
+               f"and {summary['sidecar']}")
+
+
+@main.command("screen", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--model", type=click.Path(), default=None,
+              help="Screener .tflite (default: saved_models/screener_cifar10_int8.tflite).")
+@click.option("--threshold", type=float, default=None, help="Poisoned if score >= T (default: the sidecar's, else 0.5).")
+@click.option("--every", type=int, default=None, help="Process every N-th video/camera frame.")
+@click.argument("sources", nargs=-1, type=click.UNPROCESSED)
+def screen_cmd(model, threshold, every, sources):
+    """Screen images, folders, videos or a camera with a .tflite screener (runs edge/screen.py).
+
+    One JSON line per image/frame, then a summary. Other edge/screen.py options pass through
+    (--camera IDX, --max-frames N, --resize crop|stretch, --threads N, --summary-only); see
+    edge/README.md. Exit 0 when the run finished, 2 on a usage or model error.
+    """
+    from edge.screen import main as edge_main
+
+    argv = []
+    if model is not None:
+        argv += ["--model", model]
+    if threshold is not None:
+        argv += ["--threshold", repr(threshold)]
+    if every is not None:
+        argv += ["--every", str(every)]
+    sys.exit(edge_main(argv + list(sources)))
+
+
 @main.command()
 @click.option("--out", type=click.Path(), default="tfbd_demo.png", show_default=True, help="Heatmap PNG.")
 @handle_errors
@@ -265,6 +329,167 @@ def datasets():
     for name, (_, rel, _) in data.SHORT_NAMES.items():
         ok = (data.data_root() / rel).exists()
         click.echo(f"  {name:<18} {'found' if ok else 'missing'}")
+
+
+# ------------------------------------------------------------ smooth triggers and victims (Section 5)
+
+def _class_name(spec, label):
+    """The class folder name of ``label`` for ``dir``-based specs (e.g. cifar10), else ''."""
+    try:
+        from tfbackdoor import data
+
+        names = data.resolve(spec.split("+")[0]).class_names
+        return f" ({names[label]})" if names and 0 <= label < len(names) else ""
+    except Exception:
+        return ""
+
+
+@main.command("train-victim")
+@click.option("--dataset", default="cifar10:train", show_default=True, help="Training images (dataset spec).")
+@click.option("--test-dataset", default="cifar10:test", show_default=True,
+              help="Test images for the per-epoch clean ACC and ASR ('none' to skip).")
+@click.option("--out", type=click.Path(), required=True, help="Output .keras (history and poisoning in OUT.json).")
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (cosine decay).")
+@click.option("--width", type=int, default=64, show_default=True, help="Filters of the first block (64/128/256).")
+@click.option("--no-flip", is_flag=True, help="No random horizontal flips (use for traffic signs).")
+@click.option("--poison", "poison_trigger", default=None,
+              help="Poison with this trigger: an attack name, a .png/.npy pattern file, or smooth:PATH.npy.")
+@click.option("--poison-rate", type=float, default=0.1, show_default=True, help="Share of the training set poisoned.")
+@click.option("--target", type=int, default=0, show_default=True, help="Backdoor target label.")
+@click.option("--limit", type=int, default=None, help="Seeded subset of the training set.")
+@click.option("--test-limit", type=int, default=None, help="Seeded subset of the test set.")
+@click.option("--image-size", type=int, default=None, help="Resize images to this side.")
+@click.option("--num-classes", type=int, default=None, help="Output classes (default: max label + 1).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def train_victim_cmd(dataset, test_dataset, out, epochs, batch_size, lr, width, no_flip, poison_trigger, poison_rate,
+                     target, limit, test_limit, image_size, num_classes, seed):
+    """Train a victim classifier, optionally poisoned; prints clean ACC and ASR every epoch."""
+    _quiet_tf()
+    from tfbackdoor import data, victim
+
+    x, y = data.load_arrays(dataset, image_size=image_size, limit=limit, seed=seed)
+    test = None
+    if test_dataset and test_dataset.lower() != "none":
+        test = data.load_arrays(test_dataset, image_size=image_size or x.shape[1], limit=test_limit, seed=seed)
+    what = f"poisoned with {poison_trigger} ({poison_rate:g} of the set -> label {target})" if poison_trigger else "clean"
+    click.echo(f"training a victim on {len(x)} images of {dataset} ({x.shape[1]}px), {what}, {epochs} epochs; "
+               f"checkpoints in {out}.ckpt/ (rerun to resume)")
+    info = {"dataset": dataset, "test_dataset": test_dataset, "limit": limit, "command": "tfbd " + " ".join(sys.argv[1:])}
+    _, history = victim.train_victim(x, y, out, epochs=epochs, batch_size=batch_size, poison=poison_trigger,
+                                     poison_rate=poison_rate, target=target, test=test, seed=seed, lr=lr, width=width,
+                                     flip=not no_flip, num_classes=num_classes, echo=click.echo, info=info)
+    last = history[-1] if history else {}
+    summary = "  ".join(f"{k} {last[k]:.2f}%" for k in ("acc", "asr") if k in last)
+    click.echo(f"wrote {out} and {out}.json" + (f"  (final: {summary})" if summary else ""))
+
+
+@main.command("attack-eval")
+@click.option("--model", "model_path", type=click.Path(), required=True, help="Victim .keras file.")
+@click.option("--trigger", required=True, help="An attack name, a .png/.npy pattern file, or smooth:PATH.npy.")
+@click.option("--target", type=int, required=True, help="Backdoor target label.")
+@click.option("--dataset", default="cifar10:test", show_default=True, help="Labelled test images.")
+@click.option("--limit", type=int, default=None, help="Seeded subset.")
+@click.option("--image-size", type=int, default=None, help="Resize images to this side.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (attack, target, acc, asr, n, n_clean).")
+@click.option("--out", type=click.Path(), default=None, help="Also write the JSON to this file.")
+@handle_errors
+def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, seed, as_json, out):
+    """Clean accuracy and attack success rate (ASR) of a victim for a trigger and target."""
+    _quiet_tf()
+    from tfbackdoor import analysis, data, victim
+
+    model = victim.load(model_path)
+    victim.check_target(model, target, model_path)
+    x, y = data.load_arrays(dataset, image_size=image_size, limit=limit, seed=seed)
+    trig = victim.resolve_trigger(trigger, x.shape[1])
+    row = victim.attack_eval(model, x, y, trig, target, name=model_path)
+    row = {"model": str(model_path), "dataset": dataset, **row}
+    if out:
+        analysis.write_json(row, out)
+    if as_json:
+        click.echo(json.dumps(row, indent=2))
+    else:
+        click.echo(f"{row['attack']}: clean ACC {row['acc']:.2f}% (n={row['n_clean']})  "
+                   f"ASR {row['asr']:.2f}% -> label {row['target']} (n={row['n']})")
+
+
+@main.command("smooth")
+@click.option("--model", "model_path", type=click.Path(), required=True, help="Trained (clean) victim .keras.")
+@click.option("--dataset", default="cifar10:train", show_default=True, help="Labelled images to search on.")
+@click.option("--samples", type=int, default=500, show_default=True, help="Images used (seeded subset).")
+@click.option("--fooling-rate", type=float, default=0.9, show_default=True, help="Stop when Err reaches this (0..1).")
+@click.option("--out", type=click.Path(), required=True, help="Trigger .npy (float32 HxWx3); also OUT.json, OUT.png.")
+@click.option("--lam", type=float, default=1.0, show_default=True, help="Strength: patched = minmax(x + lam * r), r in [0, 0.2].")
+@click.option("--step", type=float, default=0.5, show_default=True, help="Peak of each batch update, relative to 0.2.")
+@click.option("--max-passes", type=int, default=10, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--holdout", type=float, default=0.2, show_default=True, help="Share of samples held out to measure Err.")
+@click.option("--target", type=int, default=None, help="Fix the target label (default: the dominant label).")
+@click.option("--image-size", type=int, default=None, help="Resize images to this side.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def smooth_cmd(model_path, dataset, samples, fooling_rate, out, lam, step, max_passes, batch_size, holdout, target,
+               image_size, seed):
+    """Search a smooth (low-frequency) trigger on a victim: paper Algorithm 1."""
+    _quiet_tf()
+    from tfbackdoor import analysis, data, smooth, triggers, victim
+
+    model = victim.load(model_path)
+    x, y = data.load_arrays(dataset, image_size=image_size, limit=samples, seed=seed)
+    victim.check_model_fits(model, x, model_path)
+    click.echo(f"searching a smooth trigger on {len(x)} images of {dataset} (lam={lam:g}, goal Err >= {fooling_rate:g}, "
+               f"at most {max_passes} passes)")
+
+    def show(rec):
+        dom = "-" if rec["dominant"] is None else rec["dominant"]
+        click.echo(f"pass {rec['pass']:>3}  fooling rate {100 * rec['fooling_rate']:6.2f}%  target {rec['target']}  "
+                   f"dominant {dom}  not yet fooled {rec['active'] if rec['active'] is not None else '-'}  "
+                   f"{rec['seconds']:.1f}s")
+
+    res = smooth.smooth_trigger_search(model, x, y, fooling_rate=fooling_rate, lam=lam, max_passes=max_passes,
+                                       batch_size=batch_size, step=step, holdout=holdout, seed=seed, progress=show,
+                                       target=target, name=model_path)
+    trig = triggers.SmoothTrigger(res.trigger, name="smooth_found")
+    stats = analysis.spectrum_stats(x, [trig])
+    smooth.save_npy(res.trigger, out)
+    meta = {"target": res.target, "fooling_rate": round(res.fooling_rate, 4), "reached": res.reached,
+            "samples": int(len(x)), "dataset": dataset, "lam": lam, "step": step, "holdout": holdout, "seed": seed,
+            "hf_ratio": round(stats["smooth_found"]["hf_ratio"], 5), "clean_hf_ratio": round(stats["clean"]["hf_ratio"], 5),
+            "trigger_hf_ratio": round(smooth.trigger_hf_ratio(res.trigger), 6),
+            "range": [float(res.trigger.min()), float(res.trigger.max())], "model": str(model_path),
+            "history": res.history, "command": "tfbd " + " ".join(sys.argv[1:])}
+    analysis.write_json(meta, f"{out}.json")
+    smooth.save_preview(res.trigger, x[:1], f"{out}.png", stats,
+                        title=f"smooth trigger -> label {res.target}, fooling rate {100 * res.fooling_rate:.1f}%")
+    click.echo(f"HF ratio: clean {meta['clean_hf_ratio']:.5f}  patched {meta['hf_ratio']:.5f}")
+    if not res.reached:
+        click.echo(f"note: the goal {fooling_rate:g} was not reached in {max_passes} passes; kept the best trigger")
+    click.echo(f"target label: {res.target}{_class_name(dataset, res.target)}  "
+               f"(fooling rate {100 * res.fooling_rate:.2f}% on held-out samples)")
+    click.echo(f"wrote {out}, {out}.json, {out}.png (use it as --poison smooth:{out} --target {res.target})")
+
+
+@main.command("naive-smooth")
+@click.option("--out-dir", type=click.Path(), required=True, help="Folder for naive_smooth_0..4.npy.")
+@click.option("--image-size", type=int, default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def naive_smooth_cmd(out_dir, image_size, seed):
+    """Write the five naive smooth triggers (low-passed noise and photo crops, in [0, 0.2])."""
+    _quiet_tf()
+    from pathlib import Path
+
+    from tfbackdoor import smooth
+
+    for t in smooth.naive_smooth_triggers(image_size, seed):
+        path = Path(out_dir) / f"{t.name}.npy"
+        smooth.save_npy(t.pattern, path)
+        click.echo(f"wrote {path}  (HF ratio of the pattern {smooth.trigger_hf_ratio(t.pattern):.6f}; "
+                   f"use as smooth:{path})")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Specs (``load(spec)`` returns a ``tf.data.Dataset`` of ``(uint8 HxWx3 image, int
 * ``tfds:NAME[:SPLIT]``: ``tensorflow_datasets.load`` (needs internet or a prepared
   ``TFDS_DATA_DIR``).
 * Short names for the data under ``$TFBD_DATA`` (default ``../shared/data``):
-  ``cifar10:train|test|lossless``, ``gtsrb:train|test``, ``tsrd:train|test``, ``lfw62``.
+  ``cifar10:train|test|lossless``, ``gtsrb:train|test``, ``tsrd:train|test``, ``lfw62`` (all 3,023
+  images; ``lfw62:train`` / ``lfw62:test`` are a fixed seeded 80/20 split of them).
 * Several specs joined by ``+`` (e.g. ``cifar10:train+gtsrb:train``) are concatenated; labels
   are kept as they are.
 """
@@ -38,7 +39,11 @@ SHORT_NAMES = {
     "tsrd:train": ("npz", "tsrd/train.npz", 32),
     "tsrd:test": ("npz", "tsrd/test.npz", 32),
     "lfw62": ("dir", "lfw62", 224),
+    "lfw62:train": ("dir", "lfw62", 224),
+    "lfw62:test": ("dir", "lfw62", 224),
 }
+# Sources without an official split get a fixed, seeded 80/20 one (by file, stratified by nothing).
+_SPLITS = {"lfw62:train": ("train", 0.8), "lfw62:test": ("test", 0.8)}
 
 
 def data_root() -> Path:
@@ -155,6 +160,13 @@ def resolve(spec: str) -> Source:
             raise TfbdError(f"{spec}: data directory {root} not found (set $TFBD_DATA)")
         src = _load_npz(spec, root / rel) if kind == "npz" else _list_dir(spec, root / rel)
         src.image_size = src.image_size or size
+        if spec in _SPLITS:
+            part, frac = _SPLITS[spec]
+            order = np.random.default_rng(12345).permutation(len(src.files))
+            cut = int(round(frac * len(order)))
+            keep = np.sort(order[:cut] if part == "train" else order[cut:])
+            src.files = [src.files[i] for i in keep]
+            src.labels = src.labels[keep]
         return src
     kind, _, rest = spec.partition(":")
     if kind == "npz" and rest:

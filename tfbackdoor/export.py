@@ -59,7 +59,8 @@ QUANTIZE_MODES = ("int8", "int16x8", "float16", "float32")
 FOLDS = ("auto", "fc", "separable", "none")
 HEADS = ("auto", "logit", "softmax")
 DEFAULT_CALIBRATION = "cifar10:train+gtsrb:train"
-FC_FOLD_MAX_PIXELS = 1024  # 32x32: one 1024x1024 matrix per channel (3 MB as int8)
+FC_FOLD_MAX_PIXELS = 1024  # 32x32: one 1024x1024 matrix per channel (1 MB as int8, shared)
+DEFAULT_CLIP = 12.0
 
 
 # ------------------------------------------------------------------------ the folded layer
@@ -95,14 +96,18 @@ class FoldedDCTNormalization(keras.layers.Layer):
         ``clip * min(max(z / clip, -1), 1)`` so that the converter fuses a ``RELU_N1_TO_1`` into
         the ``FULLY_CONNECTED`` and the int8 scale of that tensor covers exactly ``+-clip``
         instead of the largest value met in calibration).
+      scaled_output: with ``clip`` and ``fold="fc"``, return ``z / clip`` (in ``[-1, 1]``) and
+        leave the factor ``clip`` to the next (linear) layer; the exporter multiplies it into
+        the detector's first convolution, so no extra int8 ``MUL`` re-quantizes the tensor.
 
     Input shape: ``(batch, H, W, C)`` pixels 0..255 (any numeric dtype).
     Output shape: the same, float: normalised DCT coefficients.
     """
 
-    def __init__(self, mean, variance, fold="fc", clip=None, **kwargs):
+    def __init__(self, mean, variance, fold="fc", clip=None, scaled_output=False, **kwargs):
         super().__init__(**kwargs)
         self.clip = None if clip is None else float(clip)
+        self.scaled_output = bool(scaled_output)
         self.mean = np.asarray(mean, np.float64)
         self.variance = np.asarray(variance, np.float64)
         if self.mean.ndim != 3 or self.mean.shape != self.variance.shape:
@@ -165,9 +170,11 @@ class FoldedDCTNormalization(keras.layers.Layer):
             for i in range(c):
                 xc = ops.reshape(x[..., i], (-1, h * w))
                 y = ops.matmul(xc, self._kernel[i]) + self._bias[i]
-                outs.append(ops.clip(y, -1.0, 1.0) if self.clip else y)
-            y = ops.reshape(ops.stack(outs, axis=-1), (-1, h, w, c))
-            return y * self.clip if self.clip else y
+                y = ops.clip(y, -1.0, 1.0) if self.clip else y
+                outs.append(ops.reshape(y, (-1, h * w, 1)))
+            # CONCATENATION (not PACK): XNNPACK delegates it, so the graph stays one partition.
+            y = ops.reshape(ops.concatenate(outs, axis=-1), (-1, h, w, c))
+            return y if self.scaled_output or not self.clip else y * self.clip
         t = ops.conv(x, self._k1, strides=1, padding="valid") + self._b1            # (N, H, 1, W*C)
         y = ops.depthwise_conv(t, self._k2, strides=1, padding="valid") + self._b2  # (N, 1, 1, W*C*H)
         y = ops.reshape(y, (-1, w, c, h))                                          # v, c, u
@@ -180,7 +187,7 @@ class FoldedDCTNormalization(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update({"mean": self.mean.tolist(), "variance": self.variance.tolist(), "fold": self.fold,
-                       "clip": self.clip})
+                       "clip": self.clip, "scaled_output": self.scaled_output})
         return config
 
 
@@ -204,7 +211,132 @@ def _resolve_head(head, quantize):
     return "logit" if quantize == "int8" else "softmax"
 
 
-def build_screener(model, fold="fc", head="softmax", clip=None) -> keras.Model:
+class _ChannelAffine(keras.layers.Layer):
+    """``x * scale + offset`` with per-channel constants (export-time helper, not saved)."""
+
+    def __init__(self, scale, offset, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = np.asarray(scale, np.float32)
+        self.offset = np.asarray(offset, np.float32)
+
+    def call(self, inputs):
+        x = inputs
+        if not np.all(self.scale == 1.0):
+            x = x * ops.convert_to_tensor(self.scale)
+        if np.any(self.offset != 0.0):
+            x = x + ops.convert_to_tensor(self.offset)
+        return x
+
+
+def _bn_affine(layer):
+    """``(g, b)`` with ``BN(x) = g * x + b`` for an inference-mode BatchNormalization."""
+    w = [keras.ops.convert_to_numpy(v).astype(np.float64) for v in layer.weights]
+    names = [v.name.split("/")[-1].split(":")[0] for v in layer.weights]
+    d = dict(zip(names, w))
+    n = len(d["moving_mean"])
+    gamma = d.get("gamma", np.ones(n))
+    beta = d.get("beta", np.zeros(n))
+    g = gamma / np.sqrt(d["moving_variance"] + layer.epsilon)
+    return g, beta - d["moving_mean"] * g
+
+
+def _chain_layers(tail):
+    """The layers of ``tail`` if it is a simple chain (each layer feeds only the next), else None."""
+    layers = [layer for layer in tail.layers if not isinstance(layer, keras.layers.InputLayer)]
+    if not layers:
+        return None
+    try:
+        for prev, layer in zip(layers, layers[1:]):
+            if layer.input is not prev.output:
+                return None
+    except (AttributeError, ValueError):  # a layer used more than once, or with several inputs
+        return None
+    return layers
+
+
+def fold_batchnorm(tail, input_scale=1.0):
+    """Rebuild a chain-shaped detector body with its BatchNorms folded into the next linear layer.
+
+    ``conv -> ELU -> BN -> conv`` becomes ``conv -> ELU -> (+ beta/gamma per channel) -> conv'``
+    (kernel scaled by gamma; the shift keeps SAME zero-padding exact), a BN before a max-pool
+    with all-positive scales moves behind the pool, and a BN before ``Flatten`` is left pending
+    for the dense head (exact). Each int8 BN ``MUL`` + ``ADD`` pair (two re-quantizations)
+    becomes at most one ``ADD``. ``input_scale`` multiplies the input (folded into the first
+    conv: see ``FoldedDCTNormalization(scaled_output=True)``).
+
+    Returns ``(model, pending)`` where ``pending`` is ``None`` or ``(g, b)`` per output feature
+    still to apply (``features = g * out + b``); or ``(None, None)`` when ``tail`` is not a
+    chain of supported layers (the caller keeps the original).
+    """
+    layers = _chain_layers(tail)
+    if layers is None:
+        return None, None
+    x0 = keras.Input(tuple(tail.input.shape[1:]), batch_size=1)
+    x = x0
+    c_in = tail.input.shape[-1]
+    pending = None if input_scale == 1.0 else (np.full(c_in, float(input_scale)), np.zeros(c_in))
+
+    def materialize(x, pending):
+        return (_ChannelAffine(*pending)(x), None) if pending is not None else (x, None)
+
+    for layer in layers:
+        if isinstance(layer, keras.layers.Dropout):
+            continue
+        if isinstance(layer, keras.layers.BatchNormalization):
+            if tuple(np.atleast_1d(layer.axis)) not in ((-1,), (3,), (len(layer.input.shape) - 1,)):
+                return None, None
+            g, b = _bn_affine(layer)
+            if pending is not None:
+                g, b = g * pending[0], g * pending[1] + b
+            pending = (g, b)
+            continue
+        if isinstance(layer, keras.layers.MaxPooling2D):
+            if pending is not None and not np.all(pending[0] > 0):
+                x, pending = materialize(x, pending)
+            x = layer(x)
+            continue
+        if isinstance(layer, keras.layers.Flatten):
+            shape = x.shape[1:]
+            x = layer(x)
+            if pending is not None:
+                reps = int(np.prod(shape[:-1]))
+                pending = (np.tile(pending[0], reps), np.tile(pending[1], reps))
+            continue
+        if isinstance(layer, keras.layers.Conv2D) and type(layer) is keras.layers.Conv2D and pending is not None \
+                and layer.get_config().get("activation") == "linear" and layer.get_config().get("groups", 1) == 1 \
+                and np.all(pending[0] != 0):
+            g, b = pending
+            kernel, *bias = [keras.ops.convert_to_numpy(v).astype(np.float64) for v in layer.weights]
+            bias = bias[0] if bias else np.zeros(kernel.shape[-1])
+            if layer.padding == "valid":
+                new_bias = bias + np.einsum("hwio,i->o", kernel, b)
+            else:
+                if np.any(b != 0):
+                    x = _ChannelAffine(np.ones_like(b), b / g)(x)
+                new_bias = bias
+            cfg = layer.get_config()
+            cfg.update({"name": layer.name + "_folded", "use_bias": True, "kernel_regularizer": None,
+                        "bias_regularizer": None, "activity_regularizer": None})
+            conv = keras.layers.Conv2D.from_config(cfg)
+            x = conv(x)
+            conv.set_weights([(kernel * g[None, None, :, None]).astype("float32"), new_bias.astype("float32")])
+            pending = None
+            continue
+        x, pending = materialize(x, pending)
+        x = layer(x)
+    folded = keras.Model(x0, x)
+    # Check the rewrite on random inputs (float): the chain test above is structural only.
+    probe = np.random.default_rng(0).standard_normal((2,) + tuple(tail.input.shape[1:])).astype("float32")
+    ref = keras.ops.convert_to_numpy(tail(probe * np.float32(input_scale), training=False)).astype(np.float64)
+    got = keras.ops.convert_to_numpy(folded(probe, training=False)).astype(np.float64)
+    if pending is not None:
+        got = got * pending[0] + pending[1]
+    if ref.shape != got.shape or not np.allclose(got, ref, rtol=1e-3, atol=1e-3 * (np.abs(ref).max() + 1)):
+        return None, None
+    return folded, pending
+
+
+def build_screener(model, fold="fc", head="softmax", clip=None, fold_bn=True) -> keras.Model:
     """A Keras model ``pixels (1, H, W, 3) float 0..255 -> P(poisoned) (1, 1)`` from a DCT detector.
 
     Args:
@@ -222,6 +354,7 @@ def build_screener(model, fold="fc", head="softmax", clip=None) -> keras.Model:
     if spec.domain != "dct":
         raise TfbdError(f"model '{model.name}': only DCT-domain detectors can be exported (domain is '{spec.domain}')")
     size = spec.image_size
+    pending = None
     inp = keras.Input((size, size, 3), batch_size=1, name="pixels")
     try:
         probs = model.get_layer("probs")
@@ -235,9 +368,21 @@ def build_screener(model, fold="fc", head="softmax", clip=None) -> keras.Model:
             norm = model.get_layer("input_norm")
         except ValueError:
             raise TfbdError(f"model '{model.name}': no 'input_norm' layer to fold into the DCT (use --fold none)") from None
-        folded = FoldedDCTNormalization.from_normalization(norm, (size, size, 3), fold=fold, clip=clip, name="dct_norm")
-        feats = keras.Model(norm.output, probs.input)(folded(inp))
-    kernel, bias = (keras.ops.convert_to_numpy(v) for v in probs.weights[:2])
+        tail = keras.Model(norm.output, probs.input)
+        scaled = bool(clip) and fold == "fc"
+        if fold_bn or scaled:
+            new_tail, pending = fold_batchnorm(tail, clip if scaled else 1.0)
+            if new_tail is None:
+                scaled = False
+            else:
+                tail = new_tail
+        folded = FoldedDCTNormalization.from_normalization(norm, (size, size, 3), fold=fold, clip=clip,
+                                                          scaled_output=scaled, name="dct_norm")
+        feats = tail(folded(inp))
+    kernel, bias = (keras.ops.convert_to_numpy(v).astype(np.float64) for v in probs.weights[:2])
+    if pending is not None:  # BN affine left over in front of the head: fold it into the dense weights
+        bias = bias + pending[1] @ kernel
+        kernel = kernel * pending[0][:, None]
     if head == "logit":
         dense = keras.layers.Dense(1, name="logit")
         out = dense(feats)
@@ -612,6 +757,9 @@ def _write_atomic(path: Path, payload: bytes):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -625,7 +773,7 @@ def sidecar_path(out) -> Path:
 
 
 def export(detector_path, out, quantize="int8", calibration=DEFAULT_CALIBRATION, calibration_size=300,
-           seed=0, fold="auto", head="auto", trigger_dir=None, echo=None) -> dict:
+           seed=0, fold="auto", head="auto", clip=None, trigger_dir=None, echo=None) -> dict:
     """Export the detector at ``detector_path`` to a screener ``.tflite`` at ``out`` (+ sidecar).
 
     Checks builtin-only ops, the uint8 ``[1, H, W, 3]`` input (scale 1 for int8) and the
@@ -640,7 +788,12 @@ def export(detector_path, out, quantize="int8", calibration=DEFAULT_CALIBRATION,
     head_r = _resolve_head(head, quantize)
     if quantize not in QUANTIZE_MODES:
         raise TfbdError(f"unknown quantization '{quantize}' (known: {', '.join(QUANTIZE_MODES)})")
-    screener = build_screener(model, fold_r, head_r)
+    if clip is None:
+        clip = DEFAULT_CLIP if (quantize == "int8" and fold_r == "fc") else 0
+    if clip < 0:
+        raise TfbdError(f"--clip must be >= 0 (got {clip})")
+    clip = float(clip) or None
+    screener = build_screener(model, fold_r, head_r, clip=clip)
     reps = None
     if quantize in ("int8", "int16x8"):
         if calibration_size is None or calibration_size < 1:
@@ -659,7 +812,8 @@ def export(detector_path, out, quantize="int8", calibration=DEFAULT_CALIBRATION,
     out = Path(out)
     digest = hashlib.sha256(tfl).hexdigest()
     side = {"threshold": float(spec.threshold), "image_size": [size, size], "quantize": quantize,
-            "source": str(detector_path), "sha256": digest, "fold": fold_r, "head": head_r,
+            "source": str(detector_path or detector_mod.DEFAULT_DETECTOR), "sha256": digest, "fold": fold_r,
+            "head": head_r, "clip": clip,
             "input": "uint8 [1, H, W, 3] RGB 0..255", "output": "P(poisoned) float32 [1, 1]"}
     if reps is not None:
         side["calibration"] = {"spec": calibration, "per_part": int(calibration_size), "images": int(len(reps)),

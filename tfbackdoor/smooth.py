@@ -19,8 +19,10 @@ Algorithm 1, as implemented here (vectorised over a batch of samples):
    model does not yet classify as ``y_tar`` after patching (only those contribute), a targeted
    DeepFool step ``dr_i`` is computed with ``tf.GradientTape`` (the linearised smallest change of
    the trigger that moves sample ``i`` onto the ``y_tar`` decision boundary, times
-   ``1 + overshoot``). The batch update is ``step * g(mean_i dr_i)``; then
-   ``r = g(r + update)`` and ``r`` is projected to the bounded range (below).
+   ``1 + overshoot``). The batch update ``u = g(mean_i dr_i)`` is rescaled to a peak of
+   ``step * bound`` (the averaged DeepFool steps give its shape and weigh the samples; their raw
+   size, once low-passed, is far below the bound and would let the repeated filtering of ``r``
+   shrink it to nothing); then ``r = g(r + u)`` and ``r`` is projected to the bounded range.
 3. After a pass, ``y_tar = Domi``: the most frequent predicted label different from the true
    label over the patched search set (changed only when more than 5 % of it is mislabelled, as
    in the authors' code, so a few stray errors do not swap the target). ``Err`` (the fooling
@@ -254,7 +256,7 @@ def _evaluate(model, x_uint8_hold, y_hold, trig, target, scale, batch_size):
 
 
 def smooth_trigger_search(model, x_uint8, y=None, fooling_rate: float = 0.9, lam: float = 1.0,
-                          max_passes: int = 10, batch_size: int = 64, step: float = 1.0,
+                          max_passes: int = 10, batch_size: int = 64, step: float = 0.5,
                           holdout: float | int = 0.2, seed: int = 0, progress=None, target: int | None = None,
                           overshoot: float = 0.02, bound: float = BOUND, sigma: float = SIGMA, taps: int = TAPS,
                           input_scale: float = 255.0, min_switch: float = 0.05, name: str | None = None) -> SmoothResult:
@@ -269,7 +271,8 @@ def smooth_trigger_search(model, x_uint8, y=None, fooling_rate: float = 0.9, lam
       lam: strength of the trigger in ``M(x + lam * r)``.
       max_passes: stop after this many passes over the search set.
       batch_size: samples per gradient step (the vectorised unit).
-      step: factor on the averaged DeepFool step of a batch.
+      step: peak of each batch update relative to ``bound`` (the averaged, low-passed DeepFool
+        step gives the update's shape; it is rescaled to a peak of ``step * bound``).
       holdout: fraction (float < 1) or number of samples held out to measure ``Err``.
       seed: seeds the holdout split and the shuffles of every pass.
       progress: optional callable receiving each pass's history dict.
@@ -287,7 +290,7 @@ def smooth_trigger_search(model, x_uint8, y=None, fooling_rate: float = 0.9, lam
     if lam <= 0 or step <= 0 or max_passes < 1 or batch_size < 1:
         raise TfbdError(f"smooth trigger search: need lam > 0, step > 0, max_passes >= 1, batch_size >= 1 "
                         f"(got lam={lam}, step={step}, max_passes={max_passes}, batch_size={batch_size})")
-    x, y, search, hold, fixed, n_cls = _prepare(model, x_uint8, y, target, holdout, seed, input_scale, batch_size, name)
+    x, y, search, hold, fixed, _ = _prepare(model, x_uint8, y, target, holdout, seed, input_scale, batch_size, name)
     x_hold_u8 = np.asarray(x_uint8)[hold]
     h, w, c = x.shape[1:]
     scale = float(input_scale)
@@ -319,8 +322,11 @@ def smooth_trigger_search(model, x_uint8, y=None, fooling_rate: float = 0.9, lam
         dr = coef[:, None, None, None] * wgrad           # linearised step onto the target boundary
         n_active = tf.reduce_sum(tf.cast(active, tf.int32))
         mean_dr = tf.reduce_sum(dr, 0) / tf.maximum(tf.cast(n_active, tf.float32), 1.0)
-        r_new = g((r + step * g(mean_dr[tf.newaxis])[0])[tf.newaxis])[0]
-        r_new = project(r_new, bound)
+        u = g(mean_dr[tf.newaxis])[0]
+        # The update's peak is step * bound: the DeepFool steps give the direction and weigh the
+        # samples; their raw size (often far below the bound once low-passed) does not matter.
+        u = u * (step * bound / tf.maximum(tf.reduce_max(tf.abs(u)), 1e-12))
+        r_new = project(g((r + u)[tf.newaxis])[0], bound)
         r_new = tf.where(n_active > 0, r_new, r)
         return r_new, n_active
 
@@ -328,7 +334,12 @@ def smooth_trigger_search(model, x_uint8, y=None, fooling_rate: float = 0.9, lam
     r = tf.zeros([h, w, c], tf.float32)
     best = SmoothResult(np.zeros((h, w, c), np.float32), int(y_tar), -1.0)
     rng = np.random.default_rng(seed + 1)
-    history = []
+    # Pass 0: Err of the min-max rule alone (r = 0), the level the search starts from.
+    history = [{"pass": 0, "fooling_rate": round(_evaluate(model, x_hold_u8, y[hold], np.zeros((h, w, c), np.float32),
+                                                          y_tar, scale, batch_size), 4),
+                "target": int(y_tar), "dominant": None, "active": None, "amplitude": 0.0, "seconds": 0.0}]
+    if progress:
+        progress(history[0])
     for p in range(1, max_passes + 1):
         t0 = time.perf_counter()
         order = rng.permutation(search)
@@ -364,12 +375,13 @@ def paper_loop_baseline(model, x_uint8, y=None, fooling_rate: float = 0.9, lam: 
                         max_iter: int = 50, bound: float = BOUND, sigma: float = SIGMA, taps: int = TAPS,
                         input_scale: float = 255.0, min_switch: float = 0.05, batch_size: int = 256,
                         progress=None) -> SmoothResult:
-    """The authors' per-sample loop (for timing comparisons only; same semantics, no batching).
+    """The authors' per-sample loop (for timing comparisons only; no batching).
 
     For one sample at a time, if the model does not classify its patched copy as ``y_tar``:
     iterate targeted DeepFool steps on that sample alone (up to ``max_iter``) until it is
-    fooled, then ``r = g(r + g(dr))`` and project ``r`` to the bounded range. ``Domi``,
-    ``Err`` and the best-keeping are as in :func:`smooth_trigger_search`.
+    fooled, then ``r = g(r + g(dr))`` rescaled to exactly [0, ``bound``] (the authors' code:
+    raw DeepFool step, ``r`` always renormalised). ``Domi``, ``Err`` and the best-keeping are as
+    in :func:`smooth_trigger_search`.
     """
     x, y, search, hold, fixed, _ = _prepare(model, x_uint8, y, target, holdout, seed, input_scale, batch_size, None)
     x_hold_u8 = np.asarray(x_uint8)[hold]
@@ -404,7 +416,8 @@ def paper_loop_baseline(model, x_uint8, y=None, fooling_rate: float = 0.9, lam: 
                 r_tot = r_tot + (abs(diff) + 1e-4) / n2 * wgrad
                 k, diff, wgrad = grad_at(xi, r + (1 + overshoot) * r_tot, y_tar)
                 it += 1
-            r = project(low_pass(r + low_pass((1 + overshoot) * r_tot, sigma, taps), sigma, taps), bound)
+            r = low_pass(r + low_pass((1 + overshoot) * r_tot, sigma, taps), sigma, taps)
+            r = tf.constant(scale_to_bound(r.numpy(), bound))
         patched = minmax_apply(x[search], r, lam).numpy()
         dom = dominant_label(_predict(model, patched, scale, batch_size), y[search], min_share=min_switch)
         if fixed is None and dom is not None:
@@ -536,4 +549,4 @@ def trigger_hf_ratio(trigger) -> float:
 
 __all__ = ["gaussian_kernel", "low_pass", "LowPass", "minmax_apply", "project", "smooth_trigger_search",
            "paper_loop_baseline", "naive_smooth_triggers", "SmoothResult", "dominant_label", "fooled_share",
-           "check_model_fits", "check_target", "save_npy", "save_preview", "trigger_hf_ratio", "scale_to_bound"]
+           "save_npy", "save_preview", "trigger_hf_ratio", "scale_to_bound"]

@@ -316,7 +316,7 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
     ckpt.mkdir(parents=True, exist_ok=True)
-    model.fit(ds, epochs=epochs, callbacks=callbacks, verbose=verbose)
+    model.fit(ds, epochs=epochs, callbacks=callbacks, verbose=verbose, shuffle=False)
     history = sorted(history, key=lambda h: h["epoch"])
     save(model, out)
     meta = dict(info or {})

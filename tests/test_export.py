@@ -1,0 +1,170 @@
+"""The LiteRT screener export (``tfbackdoor.export``, ``tfbd export``) and ``tfbd screen``.
+
+A small cnn6 detector is built, its normalization adapted and briefly fitted on real lossless
+CIFAR-10 images (a few seconds, so that its verdicts differ between images), then exported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli.main import main
+from tfbackdoor import detector, export, frequency, triggers
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def small_detector(lossless, tmp_path_factory):
+    """(model, path) of a cnn6 detector fitted for one short epoch on 384 lossless images."""
+    x, _ = lossless
+    keras.utils.set_random_seed(0)
+    model = detector.build()
+    detector.adapt_normalization(model, x[:384], "dct", n=384)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    model.fit(detector.training_dataset(x[:384], batch_size=64, seed=0), epochs=2, verbose=0)
+    # Threshold in the middle of the clean scores so that verdicts are not all the same.
+    detector.spec_of(model).threshold = float(np.median(detector.score(model, x[384:])))
+    path = tmp_path_factory.mktemp("det") / "small.keras"
+    detector.save(model, path)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def int8_screener(small_detector, tmp_path_factory):
+    """The int8 screener exported with the command (calibrated on lossless CIFAR-10)."""
+    _, path = small_detector
+    out = tmp_path_factory.mktemp("scr") / "small_int8.tflite"
+    r = run("export", "--detector", path, "--out", out, "--quantize", "int8",
+            "--calibration", "cifar10:lossless", "--calibration-size", 96)
+    assert r.exit_code == 0, r.output
+    return out, r.output
+
+
+# ------------------------------------------------------------------------ float equivalence
+
+@pytest.mark.parametrize("fold", ["fc", "separable"])
+def test_folded_dct_normalization_equals_dct2d_then_normalization(lossless, fold):
+    x = lossless[0][:32].astype("float32")
+    norm = keras.layers.Normalization(axis=(1, 2, 3))
+    norm.adapt(frequency.dct2d(lossless[0][:256]))
+    ref = norm(frequency.DCT2D()(x)).numpy()
+    folded = export.FoldedDCTNormalization.from_normalization(norm, (32, 32, 3), fold=fold)
+    got = folded(x).numpy()
+    assert np.abs(got - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
+    # The config round-trips (the layer is registered serialisable).
+    again = export.FoldedDCTNormalization.from_config(folded.get_config())
+    assert np.allclose(again(x).numpy(), got, atol=1e-4)
+
+
+def test_screener_graph_equals_detector_in_float(small_detector, lossless):
+    model, _ = small_detector
+    x = lossless[0][:48]
+    ref = detector.score(model, x)
+    for fold, head, clip in [("fc", "logit", 12.0), ("fc", "softmax", None), ("separable", "logit", None),
+                             ("none", "softmax", None)]:
+        s = export.build_screener(model, fold, head, clip=clip)
+        got = export.screener_scores(s, x)
+        assert np.abs(got - ref).max() < 1e-4, (fold, head, clip)
+
+
+# ----------------------------------------------------------------------------- int8 export
+
+def test_int8_export_is_builtin_full_integer_with_screener_io(int8_screener, small_detector):
+    out, output = int8_screener
+    b = out.read_bytes()
+    ops = export.check_builtin_only(b)
+    assert not any(o.startswith("CUSTOM") for o in ops) and "FULLY_CONNECTED" in ops
+    assert "ops (builtin only):" in output
+    info = export.describe(b)
+    assert info["input"] == {"shape": [1, 32, 32, 3], "dtype": "uint8", "quantization": [1.0, 0]}
+    assert info["output"] == {"shape": [1, 1], "dtype": "float32"}
+    # Full-integer: no float op between the input QUANTIZE and the final DEQUANTIZE (ELU is int8).
+    assert info["float_ops_between"] == []
+    assert ops[0] == "QUANTIZE" and ops[-2:] == ["DEQUANTIZE", "LOGISTIC"]
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["sha256"] == hashlib.sha256(b).hexdigest()
+    assert side["image_size"] == [32, 32] and side["quantize"] == "int8"
+    assert side["threshold"] == pytest.approx(detector.spec_of(small_detector[0]).threshold)
+
+
+def test_int8_screener_agrees_with_keras(int8_screener, small_detector, lossless):
+    model, _ = small_detector
+    out, _ = int8_screener
+    clean = lossless[0][128:448]
+    x = np.concatenate([clean, triggers.get("badnets")(clean[:80]).numpy()])
+    ks = detector.score(model, x)
+    ts = export.tflite_scores(out, x)
+    thr = detector.spec_of(model).threshold
+    keras_flags = ks > thr
+    assert 0.1 < keras_flags.mean() < 0.9  # a model whose verdicts differ
+    assert np.mean((ts > thr) == keras_flags) >= 0.9
+    assert np.mean(np.abs(ts - ks)) < 0.02
+    assert np.corrcoef(np.argsort(np.argsort(ts)), np.argsort(np.argsort(ks)))[0, 1] > 0.95
+
+
+def test_fused_int8_elu_is_bit_identical(small_detector, lossless):
+    model, _ = small_detector
+    reps = lossless[0][:64]
+    s = export.build_screener(model, "fc", "logit", clip=12.0)
+    plain = export.convert(s, "int8", reps, fuse_elu=False)
+    fused, n = export.fuse_int8_elu(plain)
+    assert n == 6 and "ELU" in export.list_ops(fused)
+    assert "DEQUANTIZE" in export.list_ops(plain)[1:-2]      # the float sandwich was there
+    x = lossless[0][200:240]
+    assert np.array_equal(export.tflite_scores(plain, x), export.tflite_scores(fused, x))
+
+
+def test_float32_export_matches_keras(small_detector, lossless, tmp_path):
+    model, path = small_detector
+    out = tmp_path / "f32.tflite"
+    summary = export.export(path, out, "float32")
+    assert summary["bytes"] == out.stat().st_size and not summary["float_ops_between"]
+    assert export.describe(out)["input"]["dtype"] == "uint8"
+    x = lossless[0][:64]
+    assert np.abs(export.tflite_scores(out, x) - detector.score(model, x)).max() < 1e-4
+
+
+# --------------------------------------------------------------------------------- the CLI
+
+def test_export_rejects_a_non_detector_with_one_line(tmp_path):
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    bad = tmp_path / "plain.keras"
+    plain.save(bad)
+    out = tmp_path / "s.tflite"
+    r = run("export", "--detector", bad, "--out", out)
+    assert r.exit_code == 2
+    lines = [line for line in r.output.splitlines() if line.startswith("tfbd: error:")]
+    assert len(lines) == 1 and "not a tfbackdoor detector" in lines[0] and "plain.keras" in lines[0]
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_screen_folder_of_pngs_end_to_end(int8_screener, small_detector, lossless, tmp_path):
+    out, _ = int8_screener
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    x = lossless[0][:6]
+    for i, img in enumerate(x):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")  # ignored: folders are searched for images only
+    r = CliRunner().invoke(main, ["screen", "--model", str(out), str(folder)])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
+    assert len(lines) == 7 and lines[-1]["summary"]["n"] == 6 and lines[-1]["summary"]["errors"] == 0
+    thr = json.loads(out.with_suffix(".json").read_text())["threshold"]
+    assert lines[-1]["summary"]["threshold"] == pytest.approx(thr)
+    scores = np.array([line["score"] for line in lines[:-1]])
+    assert np.abs(scores - export.tflite_scores(out, x)).max() < 1e-5  # PNG is lossless: same pixels
+    r = CliRunner().invoke(main, ["screen", "--model", str(out), "--threshold", "0", "--summary-only", str(folder)])
+    assert r.exit_code == 0 and json.loads(r.output.strip().splitlines()[-1])["summary"]["poisoned"] == 6
+    r = CliRunner().invoke(main, ["screen", "--model", str(tmp_path / "missing.tflite"), str(folder)])
+    assert r.exit_code == 2
