@@ -19,7 +19,6 @@ code as ``tfbd export``), unless ``--int8 PATH`` names an existing int8 screener
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

@@ -259,17 +259,20 @@ def scan(detector_path, dataset, out, threshold, write_clean, limit, seed):
               help="How the DCT and input normalization become TFLite ops (auto: fc for int8 up to 32x32 px, "
                    "separable above, none for float).")
 @click.option("--clip", type=float, default=None,
-              help="int8: clip normalized DCT values to +-CLIP before quantizing (default 12 with --fold fc; 0 = off).")
+              help="int8: clip normalized DCT values to +-CLIP before quantizing (default 8 with --fold fc; 0 = off).")
+@click.option("--calibration-tail", "tail", type=float, default=None,
+              help="int8: share of each activation's calibration values left outside its int8 range "
+                   "(default 0.001; 0 = TFLite's min..max).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handle_errors
-def export_cmd(detector_path, out, quantize, calibration, calibration_size, fold, clip, seed, as_json):
+def export_cmd(detector_path, out, quantize, calibration, calibration_size, fold, clip, tail, seed, as_json):
     """Export a detector as a LiteRT screener: uint8 [1,H,W,3] in, P(poisoned) [1,1] out, builtin ops only."""
     _quiet_tf()
     from tfbackdoor import export
 
     summary = export.export(detector_path or None, out, quantize, calibration, calibration_size, seed=seed, fold=fold,
-                            clip=clip, echo=lambda m: click.echo(m, err=True))
+                            clip=clip, tail=tail, echo=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(json.dumps({k: v for k, v in summary.items() if k != "op_list"}, indent=2))
         return

@@ -45,7 +45,7 @@ def int8_screener(small_detector, tmp_path_factory):
     _, path = small_detector
     out = tmp_path_factory.mktemp("scr") / "small_int8.tflite"
     r = run("export", "--detector", path, "--out", out, "--quantize", "int8",
-            "--calibration", "cifar10:lossless", "--calibration-size", 96)
+            "--calibration", "cifar10:lossless", "--calibration-size", 64)
     assert r.exit_code == 0, r.output
     return out, r.output
 
@@ -70,11 +70,13 @@ def test_screener_graph_equals_detector_in_float(small_detector, lossless):
     model, _ = small_detector
     x = lossless[0][:48]
     ref = detector.score(model, x)
-    for fold, head, clip in [("fc", "logit", 12.0), ("fc", "softmax", None), ("separable", "logit", None),
-                             ("none", "softmax", None)]:
-        s = export.build_screener(model, fold, head, clip=clip)
+    for fold, head, clip, fold_bn in [("fc", "logit", None, "last"), ("fc", "logit", None, "all"),
+                                      ("fc", "softmax", None, "none"), ("separable", "logit", None, "last"),
+                                      ("none", "softmax", None, "none"), ("fc", "logit", 8.0, "last")]:
+        s = export.build_screener(model, fold, head, clip=clip, fold_bn=fold_bn)
         got = export.screener_scores(s, x)
-        assert np.abs(got - ref).max() < 1e-4, (fold, head, clip)
+        # Exact up to float rounding; clipping at +-8 only touches the rare larger coefficients.
+        assert np.abs(got - ref).max() < (1e-4 if clip is None else 5e-3), (fold, head, clip, fold_bn)
 
 
 # ----------------------------------------------------------------------------- int8 export
@@ -107,9 +109,27 @@ def test_int8_screener_agrees_with_keras(int8_screener, small_detector, lossless
     thr = detector.spec_of(model).threshold
     keras_flags = ks > thr
     assert 0.1 < keras_flags.mean() < 0.9  # a model whose verdicts differ
-    assert np.mean((ts > thr) == keras_flags) >= 0.9
-    assert np.mean(np.abs(ts - ks)) < 0.02
+    # The threshold sits at the median clean score, where flips are likeliest (about 93 % here;
+    # an int8 export without the folded normalization agrees on ~50 % and is off by ~0.4).
+    assert np.mean((ts > thr) == keras_flags) >= 0.88
+    assert np.mean(np.abs(ts - ks)) < 0.025
     assert np.corrcoef(np.argsort(np.argsort(ts)), np.argsort(np.argsort(ks)))[0, 1] > 0.95
+
+
+def test_tail_calibration_narrows_ranges(small_detector, lossless):
+    model, _ = small_detector
+    reps = export.representative_images("cifar10:lossless", 32, 32, 0)
+    s = export.build_screener(model, "fc", "logit", clip=8.0, fold_bn="last")
+
+    def conv_output_scales(b):
+        it = export.interpreter(b)
+        scale = {t["index"]: t["quantization"][0] for t in it.get_tensor_details()}
+        return [scale[o["outputs"][0]] for o in it._get_ops_details() if o["op_name"] == "CONV_2D"]
+
+    minmax = conv_output_scales(export.convert(s, "int8", reps))
+    tail = conv_output_scales(export.convert(s, "int8", reps, tail=0.01))
+    assert len(minmax) == len(tail) == 6
+    assert all(t <= m * 1.0001 for t, m in zip(tail, minmax)) and np.mean(np.array(tail) / minmax) < 0.9
 
 
 def test_fused_int8_elu_is_bit_identical(small_detector, lossless):

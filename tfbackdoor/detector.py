@@ -12,7 +12,6 @@ them. Inputs then go through :func:`tfbackdoor.frequency.dct2d` inside the pipel
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import tensorflow as tf
 from . import data as data_mod
 from . import metrics, models, perturb, triggers
 from .errors import TfbdError
+from .atomic import atomic_path
 from .frequency import dct2d
 
 DEFAULT_DETECTOR = Path(__file__).resolve().parent.parent / "saved_models" / "detector_cifar10.keras"
@@ -126,16 +126,8 @@ def load(path=None) -> keras.Model:
 
 def save(model, path):
     """Save atomically: write to a temporary file beside ``path`` then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, ".keras") as tmp:
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def adapt_normalization(model, x, domain, n=4096, seed=0):
@@ -360,10 +352,8 @@ class _NpzStreamWriter:
         self.n += len(images)
 
     def close(self):
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=self.path.parent)
-        os.close(fd)
         try:
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with atomic_path(self.path, ".npz") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 with zf.open("x.npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
                                                              "shape": (self.n,) + self.shape})
@@ -372,11 +362,8 @@ class _NpzStreamWriter:
                         f.write(chunk)
                 with zf.open("y.npy", "w") as f:
                     np.lib.format.write_array(f, np.asarray(self._y, np.int64))
-            os.replace(tmp, self.path)
         finally:
             self._x.close()
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=256, limit=None, seed=0,
@@ -391,39 +378,30 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
     if write_clean is not None and not str(write_clean).startswith("npz:"):
         raise TfbdError(f"--write-clean must be npz:PATH (got '{write_clean}')")
     ds = data_mod.load(dataset, image_size=spec.image_size, with_ids=True, limit=limit, seed=seed)
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".csv", dir=out_csv.parent)
     writer_npz = _NpzStreamWriter(str(write_clean)[4:], (spec.image_size, spec.image_size, 3)) if write_clean else None
     n = flagged = 0
-    seen = []
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["id", "label", "score", "flagged"])
-            for bx, by, bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
-                s = model(to_inputs(bx, spec.domain), training=False).numpy()[:, 1]
-                flags = s > thr
-                ids = [i.decode() for i in bi]
-                seen.extend(ids)
-                for i, lab, sc, fl in zip(ids, by, s, flags):
-                    w.writerow([i, int(lab), f"{sc:.6f}", int(fl)])
-                if writer_npz is not None:
-                    writer_npz.add(bx[~flags], by[~flags])
-                n += len(bx)
-                flagged += int(flags.sum())
-                if progress:
-                    progress(len(bx))
-            skipped = []
-            data_mod.report_missing(dataset, seen, limit, seed, None, skipped)
-            for item, reason in skipped:
-                w.writerow([item, "", "", ""])
-        os.replace(tmp, out_csv)
-        if writer_npz is not None:
-            writer_npz.close()
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    seen, skipped = [], []
+    with atomic_path(out_csv, ".csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "label", "score", "flagged"])
+        for bx, by, bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
+            s = model(to_inputs(bx, spec.domain), training=False).numpy()[:, 1]
+            flags = s > thr
+            ids = [i.decode() for i in bi]
+            seen.extend(ids)
+            for i, lab, sc, fl in zip(ids, by, s, flags):
+                w.writerow([i, int(lab), f"{sc:.6f}", int(fl)])
+            if writer_npz is not None:
+                writer_npz.add(bx[~flags], by[~flags])
+            n += len(bx)
+            flagged += int(flags.sum())
+            if progress:
+                progress(len(bx))
+        data_mod.report_missing(dataset, seen, limit, seed, None, skipped)
+        for item, _reason in skipped:
+            w.writerow([item, "", "", ""])
+    if writer_npz is not None:
+        writer_npz.close()
     return {"dataset": dataset, "n": n, "flagged": flagged, "flagged_pct": round(100.0 * flagged / max(n, 1), 2),
             "threshold": thr, "skipped": [s[0] for s in skipped], "report": str(out_csv),
             "clean_written": int(n - flagged) if write_clean else None}

@@ -22,6 +22,25 @@ larger than 32x32 (``H*W > 1024``: a 1M-entry matrix per channel at 32 px) a sep
 used instead (a ``1 x W`` convolution with per-column scaling, then a depthwise ``H x 1``
 convolution holding a ``D_H / (s * std)`` matrix per column and channel).
 
+Ranges. TFLite sets each int8 activation range to the min..max seen in calibration, so a few
+extreme values (strong triggers, white blocks) set a coarse step for every value of a tensor. Two
+fixes: ``clip`` (default 8 for int8) saturates the normalised DCT at +-8 inside the
+``FULLY_CONNECTED`` (a fused ``RELU_N1_TO_1`` on ``z / 8``; the factor 8 goes into the first
+convolution) -- clean images stay within about +-8, and a coefficient beyond still reads as
+"very large"; and ``tail`` (default 0.1 %) calibrates every other activation range to the
+0.1 % / 99.9 % quantiles of its calibration values instead of min..max
+(:func:`_quantize_int8_tail`: the converter only calibrates, the ranges are replaced, then the
+MLIR quantizer quantizes).
+
+BatchNorm. In cnn6 every BatchNorm follows an ELU, so the converter cannot fold it into a
+convolution and keeps an int8 ``MUL`` + ``ADD`` per block. :func:`fold_batchnorm` can fold it
+exactly into the next convolution (kernel times gamma, and a per-channel shift before it so
+that SAME zero-padding stays exact), behind max-pooling when all scales are positive, and into
+the dense head after the last block. Folding gamma into a convolution's *input* channels is not
+free either (per-output-channel weight scales cannot follow it), so int8 exports fold only the
+last BatchNorm into the head (``fold_bn="last"``); ``benchmarks/quantization_options.md`` has
+the measurements.
+
 ELU. The TFLite quantizer leaves ``ELU`` in float (``DEQUANTIZE -> ELU -> QUANTIZE``), so the
 converter's int8 model is not full-integer. LiteRT has an int8 ``ELU`` kernel (a 256-entry lookup
 table computing exactly ``quantize(elu(dequantize(q)))``), so :func:`fuse_int8_elu` rewires each
@@ -38,7 +57,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 import warnings
@@ -60,7 +78,9 @@ FOLDS = ("auto", "fc", "separable", "none")
 HEADS = ("auto", "logit", "softmax")
 DEFAULT_CALIBRATION = "cifar10:train+gtsrb:train"
 FC_FOLD_MAX_PIXELS = 1024  # 32x32: one 1024x1024 matrix per channel (1 MB as int8, shared)
-DEFAULT_CLIP = 12.0
+DEFAULT_CLIP = 8.0       # int8: normalised DCT values saturate at +-8 (clean images stay within ~+-8)
+DEFAULT_TAIL = 1e-3      # int8: share of each activation's calibration values left outside its range
+DEFAULT_FOLD_BN = "last"  # int8: fold only the BatchNorm after the last convolution (into the head)
 
 
 # ------------------------------------------------------------------------ the folded layer
@@ -254,7 +274,7 @@ def _chain_layers(tail):
     return layers
 
 
-def fold_batchnorm(tail, input_scale=1.0):
+def fold_batchnorm(tail, input_scale=1.0, which="all"):
     """Rebuild a chain-shaped detector body with its BatchNorms folded into the next linear layer.
 
     ``conv -> ELU -> BN -> conv`` becomes ``conv -> ELU -> (+ beta/gamma per channel) -> conv'``
@@ -262,7 +282,9 @@ def fold_batchnorm(tail, input_scale=1.0):
     with all-positive scales moves behind the pool, and a BN before ``Flatten`` is left pending
     for the dense head (exact). Each int8 BN ``MUL`` + ``ADD`` pair (two re-quantizations)
     becomes at most one ``ADD``. ``input_scale`` multiplies the input (folded into the first
-    conv: see ``FoldedDCTNormalization(scaled_output=True)``).
+    conv: see ``FoldedDCTNormalization(scaled_output=True)``). ``which``: ``"all"`` folds every
+    BatchNorm, ``"last"`` only those after the last convolution (into the dense head), ``"none"``
+    keeps them (then only ``input_scale`` is folded).
 
     Returns ``(model, pending)`` where ``pending`` is ``None`` or ``(g, b)`` per output feature
     still to apply (``features = g * out + b``); or ``(None, None)`` when ``tail`` is not a
@@ -279,8 +301,13 @@ def fold_batchnorm(tail, input_scale=1.0):
     def materialize(x, pending):
         return (_ChannelAffine(*pending)(x), None) if pending is not None else (x, None)
 
-    for layer in layers:
+    last_conv = max((i for i, layer in enumerate(layers) if isinstance(layer, keras.layers.Conv2D)), default=-1)
+    for i, layer in enumerate(layers):
         if isinstance(layer, keras.layers.Dropout):
+            continue
+        if isinstance(layer, keras.layers.BatchNormalization) and (which == "none" or (which == "last" and i < last_conv)):
+            x, pending = materialize(x, pending)
+            x = layer(x)
             continue
         if isinstance(layer, keras.layers.BatchNormalization):
             if tuple(np.atleast_1d(layer.axis)) not in ((-1,), (3,), (len(layer.input.shape) - 1,)):
@@ -345,10 +372,14 @@ def build_screener(model, fold="fc", head="softmax", clip=None, fold_bn=True) ->
       fold: ``"fc"``/``"separable"``: :class:`FoldedDCTNormalization` replaces
         ``DCT2D`` + ``input_norm``; ``"none"``: ``DCT2D`` then the detector as it is.
       head: ``"softmax"``: column 1 of the softmax; ``"logit"``: the logit difference
-        ``z1 - z0`` (``head_logit=True`` models stop there, see :func:`convert`).
+        ``z1 - z0`` (:func:`convert` appends a float sigmoid to the converted model).
+      clip: saturate normalised coefficients at ``+-clip`` (see :class:`FoldedDCTNormalization`).
+      fold_bn: fold BatchNorms into the following linear layers (:func:`fold_batchnorm`):
+        ``"all"`` (or True), ``"last"`` (only into the dense head) or ``"none"`` (or False).
 
-    The returned model has attribute ``returns_logit`` (True for ``head="logit"``: its output is
-    the logit ``z1 - z0`` and P = sigmoid of it).
+    All choices compute the same function as the detector in float (up to ``clip``). The
+    returned model has attribute ``returns_logit`` (True for ``head="logit"``: its output is the
+    logit ``z1 - z0`` and P = sigmoid of it).
     """
     spec = detector_mod.spec_of(model)
     if spec.domain != "dct":
@@ -370,8 +401,9 @@ def build_screener(model, fold="fc", head="softmax", clip=None, fold_bn=True) ->
             raise TfbdError(f"model '{model.name}': no 'input_norm' layer to fold into the DCT (use --fold none)") from None
         tail = keras.Model(norm.output, probs.input)
         scaled = bool(clip) and fold == "fc"
-        if fold_bn or scaled:
-            new_tail, pending = fold_batchnorm(tail, clip if scaled else 1.0)
+        which = {True: "all", False: "none"}.get(fold_bn, fold_bn)
+        if which != "none" or scaled:
+            new_tail, pending = fold_batchnorm(tail, clip if scaled else 1.0, which)
             if new_tail is None:
                 scaled = False
             else:
@@ -614,7 +646,71 @@ def _frozen_concrete(screener, input_dtype):
     return convert_variables_to_constants_v2(serve.get_concrete_function())
 
 
-def convert(screener, quantize="int8", representative=None, fuse_elu=True) -> bytes:
+def _tail_ranges(calibrated, reps, tail, in_dtype):
+    """Per-tensor ``(lo, hi)`` that leave a ``tail`` share of each activation's values outside.
+
+    Runs the calibrated float model (``_experimental_calibrate_only``) on the calibration images,
+    keeping every intermediate tensor, and tracks the ``tail * N`` largest and smallest values
+    of each (exact order statistics). The range always includes 0.
+    """
+    from ai_edge_litert.interpreter import Interpreter
+
+    _, _, fbu = _schema()
+    obj = fbu.convert_bytearray_to_object(bytearray(calibrated))
+    sg = obj.subgraphs[0]
+    skip = {int(i) for i in sg.inputs} | {int(i) for i in sg.outputs}
+    idx = [i for i, t in enumerate(sg.tensors) if i not in skip and t.quantization is not None
+           and t.quantization.min is not None and len(t.quantization.min) == 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        it = Interpreter(model_content=bytes(calibrated), experimental_preserve_all_tensors=True)
+    it.allocate_tensors()
+    inp = it.get_input_details()[0]["index"]
+    n = len(reps)
+    tops, bots, ks = {}, {}, {}
+    for i in idx:
+        size = int(np.prod(sg.tensors[i].shape))
+        ks[i] = max(1, int(np.ceil(size * n * tail)))
+        tops[i] = np.empty(0, np.float32)
+        bots[i] = np.empty(0, np.float32)
+    for j in range(n):
+        it.set_tensor(inp, reps[j:j + 1].astype(in_dtype))
+        it.invoke()
+        for i in idx:
+            v = it.get_tensor(i).ravel()
+            k = ks[i]
+            cand = np.concatenate([tops[i], v if v.size <= k else np.partition(v, -k)[-k:]])
+            tops[i] = cand if cand.size <= k else np.partition(cand, -k)[-k:]
+            cand = np.concatenate([bots[i], v if v.size <= k else np.partition(v, k - 1)[:k]])
+            bots[i] = cand if cand.size <= k else np.partition(cand, k - 1)[:k]
+    return obj, {i: (min(float(bots[i].max()), 0.0), max(float(tops[i].min()), 0.0)) for i in idx}
+
+
+def _quantize_int8_tail(conv, reps, tail, in_dtype):
+    """Full-integer int8 conversion whose activation ranges cut a ``tail`` share at each end.
+
+    TFLite calibrates each activation's range as its min..max over the representative set, so a
+    few extreme values (strong triggers, white blocks) set a coarse step for every value of that
+    tensor. Here the converter only calibrates; the recorded ranges are replaced by the tail
+    quantiles (:func:`_tail_ranges`) and the MLIR quantizer then quantizes with them (the rare
+    values beyond saturate).
+    """
+    from tensorflow.lite.python.convert import deduplicate_readonly_buffers, mlir_quantize
+
+    _, _, fbu = _schema()
+    conv._experimental_calibrate_only = True
+    calibrated = bytes(conv.convert())
+    obj, ranges = _tail_ranges(calibrated, reps, tail, in_dtype)
+    for i, (lo, hi) in ranges.items():
+        q = obj.subgraphs[0].tensors[i].quantization
+        q.min = np.array([lo], np.float32)
+        q.max = np.array([hi], np.float32)
+    edited = bytes(fbu.convert_object_to_bytearray(obj))
+    out = mlir_quantize(edited, input_data_type=tf.uint8, output_data_type=tf.float32)
+    return bytes(deduplicate_readonly_buffers(out))
+
+
+def convert(screener, quantize="int8", representative=None, fuse_elu=True, tail=None) -> bytes:
     """Convert a :func:`build_screener` model to ``.tflite`` bytes (builtin ops only).
 
     Args:
@@ -623,6 +719,8 @@ def convert(screener, quantize="int8", representative=None, fuse_elu=True) -> by
         stay float), ``float16`` (float16 weights) or ``float32``.
       representative: uint8 ``(N, H, W, 3)`` calibration images (int8/int16x8 only).
       fuse_elu: rewire the float ELU sandwiches of an int8 model into int8 ELU ops.
+      tail: int8 only: cut this share of each activation's calibration values at each end
+        when setting its range (:func:`_quantize_int8_tail`); ``None``/0: TFLite's min..max.
     """
     if quantize not in QUANTIZE_MODES:
         raise TfbdError(f"unknown quantization '{quantize}' (known: {', '.join(QUANTIZE_MODES)})")
@@ -658,7 +756,10 @@ def convert(screener, quantize="int8", representative=None, fuse_elu=True) -> by
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            out = conv.convert()
+            if quantize == "int8" and tail:
+                out = _quantize_int8_tail(conv, reps, tail, np.float32)
+            else:
+                out = conv.convert()
         except Exception as e:
             raise RuntimeError(f"TFLite conversion failed: {str(e).splitlines()[0][:300]}") from e
     out = bytes(out)
@@ -773,7 +874,8 @@ def sidecar_path(out) -> Path:
 
 
 def export(detector_path, out, quantize="int8", calibration=DEFAULT_CALIBRATION, calibration_size=300,
-           seed=0, fold="auto", head="auto", clip=None, trigger_dir=None, echo=None) -> dict:
+           seed=0, fold="auto", head="auto", clip=None, tail=None, fold_bn=None, trigger_dir=None,
+           echo=None) -> dict:
     """Export the detector at ``detector_path`` to a screener ``.tflite`` at ``out`` (+ sidecar).
 
     Checks builtin-only ops, the uint8 ``[1, H, W, 3]`` input (scale 1 for int8) and the
@@ -793,14 +895,19 @@ def export(detector_path, out, quantize="int8", calibration=DEFAULT_CALIBRATION,
     if clip < 0:
         raise TfbdError(f"--clip must be >= 0 (got {clip})")
     clip = float(clip) or None
-    screener = build_screener(model, fold_r, head_r, clip=clip)
+    if tail is None:
+        tail = DEFAULT_TAIL if quantize == "int8" else 0.0
+    if not 0.0 <= tail < 0.5:
+        raise TfbdError(f"--calibration-tail must be in [0, 0.5) (got {tail})")
+    fold_bn = fold_bn or (DEFAULT_FOLD_BN if quantize in ("int8", "int16x8") else "none")
+    screener = build_screener(model, fold_r, head_r, clip=clip, fold_bn=fold_bn)
     reps = None
     if quantize in ("int8", "int16x8"):
         if calibration_size is None or calibration_size < 1:
             raise TfbdError(f"--calibration-size must be >= 1 (got {calibration_size})")
         reps = representative_images(calibration, calibration_size, size, seed, trigger_dir, echo)
-    echo(f"converting ({quantize}, fold={fold_r}, head={head_r})")
-    tfl = convert(screener, quantize, reps)
+    echo(f"converting ({quantize}, fold={fold_r}, head={head_r}, clip={clip}, fold_bn={fold_bn}, tail={tail})")
+    tfl = convert(screener, quantize, reps, tail=tail)
     op_list = check_builtin_only(tfl, str(out))
     info = describe(tfl)
     if info["input"]["shape"] != [1, size, size, 3] or info["input"]["dtype"] != "uint8":
@@ -813,11 +920,11 @@ def export(detector_path, out, quantize="int8", calibration=DEFAULT_CALIBRATION,
     digest = hashlib.sha256(tfl).hexdigest()
     side = {"threshold": float(spec.threshold), "image_size": [size, size], "quantize": quantize,
             "source": str(detector_path or detector_mod.DEFAULT_DETECTOR), "sha256": digest, "fold": fold_r,
-            "head": head_r, "clip": clip,
+            "head": head_r, "clip": clip, "fold_bn": fold_bn,
             "input": "uint8 [1, H, W, 3] RGB 0..255", "output": "P(poisoned) float32 [1, 1]"}
     if reps is not None:
         side["calibration"] = {"spec": calibration, "per_part": int(calibration_size), "images": int(len(reps)),
-                               "seed": int(seed)}
+                               "seed": int(seed), "tail": tail if quantize == "int8" else 0.0}
     _write_atomic(out, tfl)
     _write_atomic(sidecar_path(out), (json.dumps(side, indent=2) + "\n").encode())
     return {**side, "out": str(out), "sidecar": str(sidecar_path(out)), "bytes": len(tfl), "ops": info["ops"],

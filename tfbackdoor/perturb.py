@@ -246,8 +246,13 @@ class BenignProcessing:
 
 # Fixed benign variants for evaluation (FPR on processed clean images): name -> per-image fn.
 def _fixed(fn):
+    # A graph (tf.function) map: eager tf.map_fn would run the ops image by image in Python.
+    @tf.function(reduce_retracing=True)
+    def mapped(images):
+        return tf.map_fn(fn, images, fn_output_signature=tf.uint8)
+
     def batch_fn(images):
-        return tf.map_fn(fn, tf.convert_to_tensor(images), fn_output_signature=tf.uint8)
+        return mapped(tf.convert_to_tensor(images))
     return batch_fn
 
 

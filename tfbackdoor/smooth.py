@@ -490,19 +490,10 @@ def naive_smooth_triggers(image_size: int = 32, seed: int = 0, bound: float = BO
 
 def save_npy(array, path):
     """Write a float32 ``.npy`` atomically."""
-    import os
-    import tempfile
+    from .atomic import atomic_path
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.asarray(array, np.float32))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path, ".npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(array, np.float32))
 
 
 def save_preview(trigger, x_clean_uint8, out, stats=None, title=""):
