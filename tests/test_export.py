@@ -116,32 +116,28 @@ def test_int8_screener_agrees_with_keras(int8_screener, small_detector, lossless
     assert np.corrcoef(np.argsort(np.argsort(ts)), np.argsort(np.argsort(ks)))[0, 1] > 0.95
 
 
-def test_tail_calibration_narrows_ranges(small_detector, lossless):
+def _conv_output_scales(b):
+    it = export.interpreter(b)
+    scale = {t["index"]: t["quantization"][0] for t in it.get_tensor_details()}
+    return np.array([scale[o["outputs"][0]] for o in it._get_ops_details() if o["op_name"] == "CONV_2D"])
+
+
+def test_fused_int8_elu_is_bit_identical_and_tail_ranges_are_finer(small_detector, int8_screener, lossless):
     model, _ = small_detector
-    reps = export.representative_images("cifar10:lossless", 32, 32, 0)
-    s = export.build_screener(model, "fc", "logit", clip=8.0, fold_bn="last")
-
-    def conv_output_scales(b):
-        it = export.interpreter(b)
-        scale = {t["index"]: t["quantization"][0] for t in it.get_tensor_details()}
-        return [scale[o["outputs"][0]] for o in it._get_ops_details() if o["op_name"] == "CONV_2D"]
-
-    minmax = conv_output_scales(export.convert(s, "int8", reps))
-    tail = conv_output_scales(export.convert(s, "int8", reps, tail=0.01))
-    assert len(minmax) == len(tail) == 6
-    assert all(t <= m * 1.0001 for t, m in zip(tail, minmax)) and np.mean(np.array(tail) / minmax) < 0.9
-
-
-def test_fused_int8_elu_is_bit_identical(small_detector, lossless):
-    model, _ = small_detector
-    reps = lossless[0][:64]
-    s = export.build_screener(model, "fc", "logit", clip=12.0)
+    out, _ = int8_screener
+    # The same graph and calibration images as the command's export, but TFLite's min..max ranges
+    # and the converter's float ELU sandwiches.
+    reps = export.representative_images("cifar10:lossless", 64, 32, 0)
+    s = export.build_screener(model, "fc", "logit", clip=export.DEFAULT_CLIP, fold_bn=export.DEFAULT_FOLD_BN)
     plain = export.convert(s, "int8", reps, fuse_elu=False)
+    assert "DEQUANTIZE" in export.list_ops(plain)[1:-2]      # the float sandwiches are there
     fused, n = export.fuse_int8_elu(plain)
-    assert n == 6 and "ELU" in export.list_ops(fused)
-    assert "DEQUANTIZE" in export.list_ops(plain)[1:-2]      # the float sandwich was there
+    assert n == 6 and export.list_ops(fused).count("ELU") == 6 and not export.describe(fused)["float_ops_between"]
     x = lossless[0][200:240]
     assert np.array_equal(export.tflite_scores(plain, x), export.tflite_scores(fused, x))
+    # Tail calibration (the command's default) gives every convolution output a finer int8 step.
+    minmax, tail = _conv_output_scales(plain), _conv_output_scales(out.read_bytes())
+    assert len(minmax) == len(tail) == 6 and (tail <= minmax * 1.0001).all() and (tail / minmax).mean() < 0.95
 
 
 def test_float32_export_matches_keras(small_detector, lossless, tmp_path):

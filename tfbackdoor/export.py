@@ -429,11 +429,10 @@ def build_screener(model, fold="fc", head="softmax", clip=None, fold_bn=True) ->
     return screener
 
 
-def screener_scores(screener, images, batch_size=1) -> np.ndarray:
+def screener_scores(screener, images) -> np.ndarray:
     """P(poisoned) of uint8 images through a :func:`build_screener` model in float (numpy)."""
-    out = []
-    for i in range(len(images)):
-        out.append(keras.ops.convert_to_numpy(screener(np.asarray(images[i:i + 1], np.float32), training=False))[0, 0])
+    fn = tf.function(lambda t: screener(t, training=False))
+    out = [fn(tf.constant(np.asarray(images[i:i + 1], np.float32))).numpy()[0, 0] for i in range(len(images))]
     s = np.asarray(out, np.float64)
     return 1.0 / (1.0 + np.exp(-s)) if getattr(screener, "returns_logit", False) else s
 
