@@ -19,6 +19,7 @@ code as ``tfbd export``), unless ``--int8 PATH`` names an existing int8 screener
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -31,7 +32,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--detector", default="saved_models/detector_cifar10.keras")
-    ap.add_argument("--int8", default=None, help="An existing int8 screener .tflite (default: export one).")
+    ap.add_argument("--int8", default=None,
+                    help="The int8 screener to measure (default: saved_models/screener_cifar10_int8.tflite when its "
+                         "sidecar names --detector as its source, else one exported by this run).")
     ap.add_argument("--dataset", default="cifar10:test")
     ap.add_argument("--limit", type=int, default=2000, help="Clean images (seeded subset); each trigger gets as many.")
     ap.add_argument("--calibration", default="cifar10:train+gtsrb:train")
@@ -64,6 +67,16 @@ def main():
     print(f"{args.dataset}: {len(x)} clean images + 7 triggered copies; threshold {thr:.6g}", file=sys.stderr)
 
     # -------------------------------------------------------------- the screeners
+    if args.int8 is None:
+        shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "saved_models", "screener_cifar10_int8.tflite")
+        side = os.path.splitext(shipped)[0] + ".json"
+        if os.path.isfile(shipped) and os.path.isfile(side):
+            with open(side) as f:
+                source = json.load(f).get("source", "")
+            if os.path.realpath(source) == os.path.realpath(args.detector):
+                args.int8 = shipped
+    print(f"int8 screener: {args.int8 or '(exported by this run)'}", file=sys.stderr)
     tmp = tempfile.mkdtemp(prefix="tfbd_bench_")
     paths = {}
     for q in ("float32", "float16", "int8"):
