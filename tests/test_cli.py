@@ -28,6 +28,11 @@ def test_demo_writes_heatmap(tmp_path):
     assert out.stat().st_size > 10_000
     ratios = {line.split()[0]: float(line.split()[1]) for line in r.output.splitlines()[1:5]}
     assert ratios["checker"] > ratios["clean"]
+    # then the shipped int8 screener's verdicts on 4 samples, clean and with each built-in trigger
+    assert "screening with screener_cifar10_int8.tflite" in r.output
+    verdicts = [line for line in r.output.splitlines() if line.rstrip().endswith(("clean", "poisoned"))
+                and "_" in line.split()[0]]
+    assert len(verdicts) == 16
 
 
 def test_spectrum_on_real_cifar10(data_dir, tmp_path):

@@ -88,7 +88,8 @@ def sample_images(n=64, size=32, seed=0) -> np.ndarray:
 
 
 def demo(out, echo=print):
-    """Spectra of built-in sample images, clean and with the built-in triggers; writes a heatmap PNG."""
+    """Spectra of built-in sample images, clean and with the built-in triggers (writes a heatmap
+    PNG), then the verdicts of the shipped int8 screener on a few of them."""
     from . import triggers
 
     x = sample_images()
@@ -99,4 +100,25 @@ def demo(out, echo=print):
     for k, v in stats.items():
         echo(f"{k:<12} {v['hf_ratio']:.4f}")
     echo(f"wrote {out}")
+    screen_samples(x, trigs, echo)
     return stats
+
+
+def screen_samples(x, trigs, echo=print, n=4):
+    """Screen ``n`` sample images, clean and with each trigger, with the shipped int8 screener."""
+    from edge.screen import Screener, default_model_path
+
+    model = default_model_path()
+    if not model.is_file():
+        echo(f"(no shipped screener at {model}: skipping the screening part of the demo)")
+        return None
+    screener = Screener(str(model))
+    echo(f"screening with {model.name} (threshold {screener.threshold:.3f}):")
+    echo(f"{'image':<16} {'P(poisoned)':>11}  verdict")
+    verdicts = []
+    for name, imgs in [("clean", x[:n])] + [(t.name, t(x[:n]).numpy()) for t in trigs]:
+        for i, img in enumerate(imgs):
+            sc = screener.score(img)
+            verdicts.append((name, sc, screener.verdict(sc)))
+            echo(f"{name + '_' + str(i):<16} {sc:>11.3f}  {screener.verdict(sc)}")
+    return verdicts
