@@ -166,18 +166,13 @@ def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, l
 def finetune(detector_path, dataset, samples, epochs, lr, seed, out):
     """Fine-tune a detector on a few clean samples of a new dataset (they are excluded from evaluation)."""
     _quiet_tf()
-    import numpy as np
 
     from tfbackdoor import data, detector
 
     model = detector.load(detector_path)
     spec = detector.spec_of(model)
     ds = data.load(dataset, image_size=spec.image_size, with_ids=True, limit=samples, seed=seed)
-    xs, ids = [], []
-    for bx, _, bi in ds.batch(1024).as_numpy_iterator():
-        xs.append(bx)
-        ids.extend(i.decode() for i in bi)
-    x = np.concatenate(xs)
+    x, _, ids = data.materialize(ds, dataset)
     click.echo(f"fine-tuning on {len(x)} clean samples of {dataset} (+ as many manipulated), {epochs} epochs")
     detector.finetune(model, x, out, samples, epochs=epochs, lr=lr, seed=seed, source_spec=dataset, sample_ids=ids)
     click.echo(f"wrote {out} ({len(ids)} samples recorded as excluded from evaluation on {dataset})")
@@ -216,8 +211,7 @@ def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alp
         size = detector.spec_of(model).image_size
         trigs = _resolve_attacks(attacks, trigger_file, mask, alpha, trigger_dir, size)
         variants = list(perturb.BENIGN_VARIANTS) if benign == "all" else [b for b in benign.split(",") if b]
-        x = detector.load_eval_images(model, dataset, limit, seed)
-        rows = detector.evaluate_images(model, x, trigs, threshold, variants)
+        rows = detector.evaluate_dataset(model, dataset, trigs, limit, seed, threshold, benign_variants=variants)
     if out:
         analysis.write_json(rows, out)
     _print_rows(rows, as_json)

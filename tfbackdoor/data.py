@@ -295,19 +295,21 @@ def load_arrays(spec: str, image_size: int | None = None, limit: int | None = No
 
     Files that fail to decode are skipped, listed in a warning and appended to ``skipped``.
     """
-    parts = [p for p in spec.split("+") if p.strip()]
-    xs, ys = [], []
-    for part in parts:
-        ds = load(part, image_size, limit, seed, shuffle, with_ids=True)
-        ids = []
-        for bx, by, bi in ds.batch(1024).prefetch(2).as_numpy_iterator():
-            xs.append(bx)
-            ys.append(by)
-            ids.extend(i.decode() for i in bi)
-        report_missing(part, ids, limit, seed, shuffle, skipped)
+    x, y, ids = materialize(load(spec, image_size, limit, seed, shuffle, with_ids=True), spec)
+    report_missing(spec, ids, limit, seed, shuffle, skipped)
+    return x, y
+
+
+def materialize(ds, spec: str = "dataset"):
+    """Numpy ``(x, y, ids)`` from a ``load(..., with_ids=True)`` dataset; error if it is empty."""
+    xs, ys, ids = [], [], []
+    for bx, by, bi in ds.batch(1024).prefetch(2).as_numpy_iterator():
+        xs.append(bx)
+        ys.append(by)
+        ids.extend(i.decode() for i in bi)
     if not xs:
         raise TfbdError(f"{spec}: no readable images")
-    return np.concatenate(xs), np.concatenate(ys)
+    return np.concatenate(xs), np.concatenate(ys), ids
 
 
 def expected_ids(spec: str, limit: int | None = None, seed: int = 0, shuffle: bool | None = None) -> list:
@@ -320,10 +322,21 @@ def expected_ids(spec: str, limit: int | None = None, seed: int = 0, shuffle: bo
     return out
 
 
+def _is_file_source(part: str) -> bool:
+    """Whether a single spec streams files (``dir:`` or a short name backed by a folder)."""
+    part = part.strip()
+    return SHORT_NAMES[part][0] == "dir" if part in SHORT_NAMES else part.startswith("dir:")
+
+
 def report_missing(spec, seen_ids, limit=None, seed=0, shuffle=None, skipped=None) -> list:
-    """Warn about (and append to ``skipped``) the items of ``spec`` that were not in ``seen_ids``."""
+    """Warn about (and append to ``skipped``) the items of ``spec`` that were not in ``seen_ids``.
+
+    Only file sources can drop unreadable items (arrays are checked whole when loaded), so only
+    their file lists are compared; array sources are not loaded a second time.
+    """
     seen = set(seen_ids)
-    missing = [i for i in expected_ids(spec, limit, seed, shuffle) if i not in seen]
+    file_parts = "+".join(p for p in spec.split("+") if p.strip() and _is_file_source(p))
+    missing = [i for i in expected_ids(file_parts, limit, seed, shuffle) if i not in seen] if file_parts else []
     if missing:
         msg = f"{spec}: skipped {len(missing)} unreadable file(s): " + ", ".join(missing[:10])
         warnings.warn(msg + (" ..." if len(missing) > 10 else ""), stacklevel=3)

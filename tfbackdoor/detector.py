@@ -273,13 +273,7 @@ def load_eval_images(model, dataset, limit=None, seed=0):
     """Images of ``dataset`` at the detector's size, minus any it was fine-tuned on (numpy)."""
     spec = spec_of(model)
     ds = data_mod.load(dataset, image_size=spec.image_size, with_ids=True, limit=limit, seed=seed)
-    xs, ids = [], []
-    for bx, _, bi in ds.batch(1024).as_numpy_iterator():
-        xs.append(bx)
-        ids.extend(i.decode() for i in bi)
-    if not xs:
-        raise TfbdError(f"{dataset}: no readable images")
-    x = np.concatenate(xs)
+    x, _, ids = data_mod.materialize(ds, dataset)
     excluded = _exclusions(model, dataset)
     if excluded:
         keep = np.asarray([i not in excluded for i in ids])

@@ -255,6 +255,17 @@ def _evaluate(model, x_uint8_hold, y_hold, trig, target, scale, batch_size):
     return fooled_share(pred, y_hold, target)
 
 
+def _domi_err(model, x, y, search, hold, x_hold_u8, r, lam, y_tar, fixed, min_switch, scale, batch_size):
+    """End of a pass of Algorithm 1: Domi over the patched search set (it becomes the target unless
+    one was fixed), then Err on the held-out samples. Returns ``(y_tar, dom, trigger, err)``."""
+    patched = minmax_apply(x[search], r, lam).numpy()
+    dom = dominant_label(_predict(model, patched, scale, batch_size), y[search], min_share=min_switch)
+    if fixed is None and dom is not None:
+        y_tar = dom
+    trig = (float(lam) * r).numpy().astype(np.float32)
+    return y_tar, dom, trig, _evaluate(model, x_hold_u8, y[hold], trig, y_tar, scale, batch_size)
+
+
 def smooth_trigger_search(model, x_uint8, y=None, fooling_rate: float = 0.9, lam: float = 1.0,
                           max_passes: int = 10, batch_size: int = 64, step: float = 0.5,
                           holdout: float | int = 0.2, seed: int = 0, progress=None, target: int | None = None,
@@ -347,13 +358,8 @@ def smooth_trigger_search(model, x_uint8, y=None, fooling_rate: float = 0.9, lam
         for i in range(0, len(order), batch_size):
             r, n_act = batch_step(x[order[i:i + batch_size]], r, tf.constant(y_tar, tf.int64))
             active += int(n_act)
-        # Domi over the patched search set, then Err on the held-out samples.
-        patched = minmax_apply(x[search], r, lam).numpy()
-        dom = dominant_label(_predict(model, patched, scale, batch_size), y[search], min_share=min_switch)
-        if fixed is None and dom is not None:
-            y_tar = dom
-        trig = (float(lam) * r).numpy().astype(np.float32)
-        err = _evaluate(model, x_hold_u8, y[hold], trig, y_tar, scale, batch_size)
+        y_tar, dom, trig, err = _domi_err(model, x, y, search, hold, x_hold_u8, r, lam, y_tar, fixed, min_switch,
+                                          scale, batch_size)
         rec = {"pass": p, "fooling_rate": round(err, 4), "target": int(y_tar), "dominant": dom,
                "active": int(active), "amplitude": round(float(np.ptp(trig)), 4),
                "seconds": round(time.perf_counter() - t0, 3)}
@@ -418,12 +424,8 @@ def paper_loop_baseline(model, x_uint8, y=None, fooling_rate: float = 0.9, lam: 
                 it += 1
             r = low_pass(r + low_pass((1 + overshoot) * r_tot, sigma, taps), sigma, taps)
             r = tf.constant(scale_to_bound(r.numpy(), bound))
-        patched = minmax_apply(x[search], r, lam).numpy()
-        dom = dominant_label(_predict(model, patched, scale, batch_size), y[search], min_share=min_switch)
-        if fixed is None and dom is not None:
-            y_tar = dom
-        trig = (float(lam) * r).numpy().astype(np.float32)
-        err = _evaluate(model, x_hold_u8, y[hold], trig, y_tar, scale, batch_size)
+        y_tar, dom, trig, err = _domi_err(model, x, y, search, hold, x_hold_u8, r, lam, y_tar, fixed, min_switch,
+                                          scale, batch_size)
         rec = {"pass": p, "fooling_rate": round(err, 4), "target": int(y_tar), "dominant": dom,
                "seconds": round(time.perf_counter() - t0, 3)}
         history.append(rec)
