@@ -17,10 +17,12 @@ int8 scale over that range (step ~30..60) rounds nearly every high-frequency coe
 affine map per channel, ``z_c = x_c @ (K / std_c) - mean_c / std_c`` with ``K = kron(D_H, D_W)^T``:
 :class:`FoldedDCTNormalization`. The converter turns it into one ``FULLY_CONNECTED`` per channel
 with per-output-column int8 weight scales, fed by the exactly-quantized uint8 pixels, so the first
-quantized activation is already normalised (all frequencies share one scale fairly). For inputs
-larger than 32x32 (``H*W > 1024``: a 1M-entry matrix per channel at 32 px) a separable form is
-used instead (a ``1 x W`` convolution with per-column scaling, then a depthwise ``H x 1``
-convolution holding a ``D_H / (s * std)`` matrix per column and channel).
+quantized activation is already normalised (all frequencies share one scale fairly). That needs
+an ``(H*W)^2`` matrix, so it is used up to 32x32 px; ``fold="separable"`` (a ``1 x W``
+convolution with per-column scaling, then a depthwise ``H x 1`` convolution holding a
+``D_H / (s * std)`` matrix per column and channel) is exact too and small, but less precise in
+int8 and, from 64 px on, TFLite's generic depthwise kernel makes calibration take many minutes;
+integer exports of larger detectors are therefore refused (float16 works at any size).
 
 Ranges. TFLite sets each int8 activation range to the min..max seen in calibration, so a few
 extreme values (strong triggers, white blocks) set a coarse step for every value of a tensor. Two
@@ -57,8 +59,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -70,6 +70,7 @@ from keras import ops
 from . import data as data_mod
 from . import detector as detector_mod
 from . import perturb, triggers
+from .atomic import atomic_path
 from .errors import TfbdError
 from .frequency import DCT2D, dct_matrix
 
@@ -220,7 +221,11 @@ def _resolve_fold(fold, quantize, image_size):
         return fold
     if quantize in ("float32", "float16"):
         return "none"  # float keeps the small separable DCT2D + Normalization, exact
-    return "fc" if image_size * image_size <= FC_FOLD_MAX_PIXELS else "separable"
+    if image_size * image_size <= FC_FOLD_MAX_PIXELS:
+        return "fc"
+    raise TfbdError(f"--quantize {quantize}: detectors larger than 32x32 px (this one: {image_size}) have no "
+                    "integer export yet; use --quantize float16 (or --fold separable: correct but its depthwise "
+                    "layer makes TFLite's calibration very slow)")
 
 
 def _resolve_head(head, quantize):
@@ -852,18 +857,8 @@ def _float_islands(tflite_bytes) -> list:
 # ------------------------------------------------------------------------------ export
 
 def _write_atomic(path: Path, payload: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix + ".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(payload)
 
 
 def sidecar_path(out) -> Path:
