@@ -136,10 +136,12 @@ def spectrum(dataset, attacks, trigger_file, mask, alpha, trigger_dir, limit, im
 @click.option("--log-dir", type=click.Path(), default=None, help="TensorBoard log directory.")
 @click.option("--target-fpr", type=float, default=0.5, show_default=True,
               help="Set the threshold to flag this %% of held-out clean (and benign-processed) images.")
+@click.option("--init", type=click.Path(), default=None,
+              help="Continue from this detector's weights (same arch, domain and size) instead of a fresh model.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @handle_errors
 def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, limit, lr, no_benign, strategy, log_dir,
-                   target_fpr, seed):
+                   target_fpr, init, seed):
     """Train a detector on clean images vs random manipulations (never a real trigger)."""
     _quiet_tf()
     from tfbackdoor import data, detector
@@ -150,7 +152,8 @@ def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, l
     click.echo(f"training {arch}/{domain} on {len(x)} clean images of {dataset} ({x.shape[1]}px), "
                f"{epochs} epochs; checkpoints in {out}.ckpt/ (rerun to resume)")
     detector.train(x, out, epochs=epochs, batch_size=batch_size, arch=arch, domain=domain, strategy=strategy,
-                   log_dir=log_dir, seed=seed, lr=lr, benign=not no_benign, info=info, target_fpr=target_fpr)
+                   log_dir=log_dir, seed=seed, lr=lr, benign=not no_benign, info=info, target_fpr=target_fpr,
+                   init=init)
     click.echo(f"wrote {out} (threshold {detector.spec_of(keras_load(out)).threshold:.4f})")
 
 

@@ -27,14 +27,30 @@ def test_each_manipulation_changes_images_as_described(rng):
         if kind == "white_block":
             assert (out[changed] == 255).all()
             sides = changed.reshape(64, -1).sum(1)
-            assert sides.min() >= 4 and sides.max() <= (0.35 * 32 + 1) ** 2
-        if kind == "color_block":
-            per_img = [np.unique(out[i][changed[i]], axis=0) for i in range(64)]
-            assert all(len(u) <= 1 for u in per_img)  # one colour per rectangle
+            assert sides.min() >= 4 and sides.max() <= 7 * 7
+        if kind == "blend":
+            assert (out.astype(int) >= x).all()  # additive, as the paper's Blend trigger
+        if kind == "noise":
+            assert out.astype(float).mean() > x.mean() + 3  # brightening mean
         if kind == "shadow":
             assert (out.astype(int) <= x).all()  # only darkens
         if kind == "noise":
             assert changed.mean() > 0.5
+
+
+def test_color_blocks_solid_or_random_pixels_and_corner_placement():
+    x = np.full((200, 32, 32, 3), 128, np.uint8)
+    solid = perturb.RandomManipulation(kinds=["color_block"], pixel_color_prob=0.0, corner_prob=1.0, seed=1)(x).numpy()
+    changed = (solid != x).any(-1)
+    assert all(len(np.unique(solid[i][changed[i]], axis=0)) <= 1 for i in range(200))  # one colour each
+    # corner_prob=1: every block touches a 6-px (0.16 * 32 + block) band of two edges at a corner
+    for i in range(200):
+        rows, cols = np.nonzero(changed[i])
+        if len(rows):
+            assert min(rows.min(), 31 - rows.max()) <= 5 and min(cols.min(), 31 - cols.max()) <= 5
+    pix = perturb.RandomManipulation(kinds=["color_block"], pixel_color_prob=1.0, seed=1)(x).numpy()
+    changed = (pix != x).any(-1)
+    assert np.mean([len(np.unique(pix[i][changed[i]], axis=0)) > 3 for i in range(200) if changed[i].sum() > 4]) > 0.95
 
 
 def test_manipulation_is_seeded_and_one_per_image():

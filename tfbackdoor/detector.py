@@ -191,14 +191,16 @@ def calibrate_threshold(model, x, target_fpr=0.5, variants=None) -> float:
 
 def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_size=None, strategy="default",
           log_dir=None, seed=0, lr=1e-3, benign=True, info=None, verbose="auto", model=None,
-          extra_poison=None, calibration=0.04, target_fpr=0.5):
+          extra_poison=None, calibration=0.04, target_fpr=0.5, init=None):
     """Train a detector on clean uint8 images ``x`` and save it to ``out`` (atomically).
 
     A seeded ``calibration`` share of ``x`` (at most 2,000 images) is held out of training and
     used to set the detector's threshold (:func:`calibrate_threshold`, ``target_fpr`` percent).
     The learning rate follows a cosine decay over all epochs. Checkpoints go to ``OUT.ckpt/``
     (resume: rerun the same command; Keras ``BackupAndRestore`` restores the last finished
-    epoch). ``log_dir`` adds a TensorBoard log. Returns the model.
+    epoch). ``log_dir`` adds a TensorBoard log. ``init`` continues from the weights (and input
+    normalization) of an existing detector ``.keras`` instead of a fresh model; its architecture,
+    domain and input size must match. Returns the model.
     """
     keras.utils.set_random_seed(seed)
     image_size = image_size or x.shape[1]
@@ -210,6 +212,13 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
     steps = epochs * int(np.ceil(len(x_train) / batch_size))
     strat = make_strategy(strategy)
     with strat.scope():
+        if model is None and init is not None:
+            model = load(init)
+            spec = spec_of(model)
+            if (spec.arch, spec.domain, spec.image_size) != (arch, domain, image_size):
+                raise TfbdError(f"{init}: a {spec.arch}/{spec.domain} detector for {spec.image_size} px cannot "
+                                f"continue as {arch}/{domain} at {image_size} px")
+            spec.info = {**(info or {}), "init": {"path": str(init), "info": spec.info}}
         if model is None:
             model = build(arch, image_size, domain, info=info)
             adapt_normalization(model, x_train, domain, seed=seed)

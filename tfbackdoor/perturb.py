@@ -7,11 +7,11 @@ the batch, so they run inside ``tf.data`` maps.
 
 :class:`RandomManipulation` applies exactly ONE of the paper's five manipulations to each image:
 
-0. ``white_block``: a white rectangle of random size at a random place;
-1. ``color_block``: a rectangle of random size and random colour;
-2. ``noise``: additive Gaussian noise of random strength;
+0. ``white_block``: a white rectangle of random size, mostly in a corner;
+1. ``color_block``: a rectangle of random size filled with random pixels or a random colour;
+2. ``noise``: additive Gaussian noise of random strength and brightening mean;
 3. ``shadow``: a random convex polygon darkened by a random factor;
-4. ``blend``: blend with another random sample of the batch at a small weight.
+4. ``blend``: add another random sample of the batch at a small weight.
 
 :class:`BenignProcessing` applies what real pipelines do to clean images (JPEG re-encoding at a
 random quality, brightness/contrast changes, blur, down-and-up resizing). In detector training
@@ -43,16 +43,27 @@ def _log_uniform_int(shape, seed, lo, hi):
     return tf.clip_by_value(tf.cast(tf.floor(tf.exp(u)), tf.int32), lo, hi)
 
 
-def _rect_mask(seed, n, h, w, min_side, max_side):
+def _rect_mask(seed, n, h, w, min_side, max_side, corner_prob=0.0, max_margin=0):
     """A boolean ``(n, h, w, 1)`` mask of one random axis-aligned rectangle per image.
 
     Sides are log-uniform in [min_side, max_side]: small patches (a BadNets square is 4 px of a
-    32 px image) are the hardest to see and must be common in training.
+    32 px image) are the hardest to see and must be common in training. With probability
+    ``corner_prob`` the rectangle sits in one of the four corners, ``0..max_margin`` px from
+    both edges (where patch triggers such as BadNets are put, and where the paper's training
+    code puts every block); otherwise anywhere.
     """
     rh = _log_uniform_int([n], _sub(seed, 0), min_side, max_side)
     rw = _log_uniform_int([n], _sub(seed, 1), min_side, max_side)
     top = tf.cast(tf.random.stateless_uniform([n], _sub(seed, 2)) * tf.cast(h - rh + 1, tf.float32), tf.int32)
     left = tf.cast(tf.random.stateless_uniform([n], _sub(seed, 3)) * tf.cast(w - rw + 1, tf.float32), tf.int32)
+    if corner_prob > 0:
+        margin = tf.random.stateless_uniform([n, 2], _sub(seed, 4), 0, max_margin + 1, tf.int32)
+        corner = tf.random.stateless_uniform([n, 2], _sub(seed, 5), 0, 2, tf.int32)  # (bottom?, right?)
+        c_top = tf.where(corner[:, 0] == 1, h - margin[:, 0] - rh, margin[:, 0])
+        c_left = tf.where(corner[:, 1] == 1, w - margin[:, 1] - rw, margin[:, 1])
+        use = tf.random.stateless_uniform([n], _sub(seed, 6)) < corner_prob
+        top = tf.clip_by_value(tf.where(use, c_top, top), 0, h - rh)
+        left = tf.clip_by_value(tf.where(use, c_left, left), 0, w - rw)
     r = tf.range(h)[None, :]
     c = tf.range(w)[None, :]
     in_r = (r >= top[:, None]) & (r < (top + rh)[:, None])
@@ -83,27 +94,46 @@ def _polygon_mask(seed, n, h, w, vertices=5):
 class RandomManipulation:
     """One random manipulation of the paper's five per image.
 
+    The defaults follow the paper's own training code (its ``patching_train``), which is what
+    lets the detector generalise to real triggers: blocks of 2..7 px (at 32 px) mostly in a
+    corner, a random-colour block made of random pixels, Gaussian noise with a brightening mean,
+    and an *additive* blend with another image (``x + a * other``, clipped), the rule the
+    paper's Blend/Trojan triggers follow. Sizes scale with the image side.
+
     Args:
       kinds: subset of :data:`MANIPULATIONS` to draw from (uniformly).
       block_size: ``(min, max)`` rectangle side as a fraction of the image side.
+      corner_prob: probability that a block sits in a corner (else anywhere).
+      corner_margin: largest distance of a corner block from the edges, as a fraction of the side.
+      pixel_color_prob: probability that a colour block is random pixels (else one solid colour).
       noise_std: ``(min, max)`` Gaussian noise std in 0..255 units.
+      noise_mean: ``(min, max)`` mean of the noise (a brightening offset) in 0..255 units.
       shadow: ``(min, max)`` brightness factor inside the shadow polygon.
-      blend_alpha: ``(min, max)`` weight of the other sample in a blend.
+      blend_alpha: ``(min, max)`` weight ``a`` of the other sample.
+      blend_mode: ``"add"`` (``x + a * other``, the paper's) or ``"mix"`` (``(1 - a) x + a other``).
       seed: default seed (an int); ``__call__`` also takes a per-batch seed tensor of shape (2,).
 
     Input: uint8 ``(N, H, W, 3)``. Output: uint8 ``(N, H, W, 3)``.
     """
 
-    def __init__(self, kinds=MANIPULATIONS, block_size=(0.06, 0.35), noise_std=(3.0, 16.0),
-                 shadow=(0.35, 0.8), blend_alpha=(0.05, 0.2), seed=0):
+    def __init__(self, kinds=MANIPULATIONS, block_size=(0.06, 0.22), corner_prob=0.75, corner_margin=0.16,
+                 pixel_color_prob=0.5, noise_std=(3.0, 8.5), noise_mean=(0.0, 25.0), shadow=(0.35, 0.8),
+                 blend_alpha=(0.1, 0.3), blend_mode="add", seed=0):
         unknown = set(kinds) - set(MANIPULATIONS)
         if unknown:
             raise ValueError(f"unknown manipulations {sorted(unknown)} (known: {MANIPULATIONS})")
+        if blend_mode not in ("add", "mix"):
+            raise ValueError(f"unknown blend_mode {blend_mode!r} (known: add, mix)")
         self.kinds = tuple(kinds)
         self.block_size = tuple(block_size)
+        self.corner_prob = float(corner_prob)
+        self.corner_margin = float(corner_margin)
+        self.pixel_color_prob = float(pixel_color_prob)
         self.noise_std = tuple(noise_std)
+        self.noise_mean = tuple(noise_mean)
         self.shadow = tuple(shadow)
         self.blend_alpha = tuple(blend_alpha)
+        self.blend_mode = blend_mode
         self.seed = int(seed)
 
     def get_random_transformation(self, images, seed):
@@ -112,15 +142,20 @@ class RandomManipulation:
         seed = _seed(seed)
         side = min(h, w)
         lo, hi = max(1, int(round(self.block_size[0] * side))), max(1, int(round(self.block_size[1] * side)))
+        margin = int(round(self.corner_margin * side))
         choice_ids = tf.constant([MANIPULATIONS.index(k) for k in self.kinds], tf.int32)
         pick = tf.random.stateless_uniform([n], _sub(seed, 0), 0, len(self.kinds), tf.int32)
+        solid = tf.random.stateless_uniform([n, 1, 1, 3], _sub(seed, 3), 0.0, 255.0)
+        pixels = tf.random.stateless_uniform(tf.shape(images), _sub(seed, 10), 0.0, 255.0)
+        use_pixels = tf.random.stateless_uniform([n, 1, 1, 1], _sub(seed, 11)) < self.pixel_color_prob
         return {
             "kind": tf.gather(choice_ids, pick),
-            "white_mask": _rect_mask(_sub(seed, 1), n, h, w, lo, hi),
-            "color_mask": _rect_mask(_sub(seed, 2), n, h, w, lo, hi),
-            "color": tf.random.stateless_uniform([n, 1, 1, 3], _sub(seed, 3), 0.0, 255.0),
+            "white_mask": _rect_mask(_sub(seed, 1), n, h, w, lo, hi, self.corner_prob, margin),
+            "color_mask": _rect_mask(_sub(seed, 2), n, h, w, lo, hi, self.corner_prob, margin),
+            "color": tf.where(use_pixels, pixels, solid),
             "noise": tf.random.stateless_normal(tf.shape(images), _sub(seed, 4))
-            * tf.random.stateless_uniform([n, 1, 1, 1], _sub(seed, 5), *self.noise_std),
+            * tf.random.stateless_uniform([n, 1, 1, 1], _sub(seed, 5), *self.noise_std)
+            + tf.random.stateless_uniform([n, 1, 1, 1], _sub(seed, 12), *self.noise_mean),
             "shadow_mask": _polygon_mask(_sub(seed, 6), n, h, w),
             "shadow": tf.random.stateless_uniform([n, 1, 1, 1], _sub(seed, 7), *self.shadow),
             "blend_alpha": tf.random.stateless_uniform([n, 1, 1, 1], _sub(seed, 8), *self.blend_alpha),
@@ -129,12 +164,15 @@ class RandomManipulation:
 
     def transform_images(self, images, t):
         x = tf.cast(images, tf.float32)
+        other = tf.roll(x, t["blend_shift"], axis=0)
+        a = t["blend_alpha"]
+        blended = x + a * other if self.blend_mode == "add" else (1.0 - a) * x + a * other
         variants = tf.stack([
             tf.where(t["white_mask"], 255.0, x),
             tf.where(t["color_mask"], t["color"], x),
             x + t["noise"],
             tf.where(t["shadow_mask"], x * t["shadow"], x),
-            (1.0 - t["blend_alpha"]) * x + t["blend_alpha"] * tf.roll(x, t["blend_shift"], axis=0),
+            blended,
         ], axis=1)                                                       # N 5 H W C
         out = tf.gather(variants, t["kind"], axis=1, batch_dims=1)
         return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
@@ -145,8 +183,7 @@ class RandomManipulation:
         return self.transform_images(images, t)
 
     def get_config(self):
-        return {"kinds": list(self.kinds), "block_size": list(self.block_size), "noise_std": list(self.noise_std),
-                "shadow": list(self.shadow), "blend_alpha": list(self.blend_alpha), "seed": self.seed}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
 
     @classmethod
     def from_config(cls, config):
