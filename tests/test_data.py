@@ -84,3 +84,30 @@ def test_short_names_on_real_data(data_dir):
         warnings.simplefilter("error")  # the real CIFAR-10 copy has no unreadable files
         x, y = data.load_arrays("cifar10:test", limit=50)
     assert set(y.tolist()) <= set(range(10))
+
+
+def test_crops_spec_makes_seeded_lossless_crops_at_any_size(tmp_path, rng):
+    yy, xx = np.mgrid[0:200, 0:300]
+    photo = np.stack([xx % 256, yy % 256, (xx * yy) % 256], -1).astype(np.uint8)
+    Image.fromarray(photo).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    Image.fromarray(photo[:20, :20]).save(tmp_path / "tiny.png")  # smaller than 1.5 x size: unused
+    x, y = data.load_arrays(f"crops:{tmp_path}:40")
+    assert x.shape == (40, 32, 32, 3) and x.dtype == np.uint8 and (y == 0).all()
+    again, _ = data.load_arrays(f"crops:{tmp_path}:40")
+    assert (x == again).all()                                   # deterministic
+    assert len({a.tobytes() for a in x}) == 40                  # all different
+    big, _ = data.load_arrays(f"crops:{tmp_path}:5", image_size=64)
+    assert big.shape == (5, 64, 64, 3)
+    sub, _ = data.load_arrays(f"crops:{tmp_path}:40", limit=10, seed=3)
+    assert len(sub) == 10
+    with pytest.raises(TfbdError, match="no readable image"):
+        data.load_arrays(f"crops:{tmp_path}:4", image_size=256)
+    with pytest.raises(TfbdError, match="directory not found"):
+        data.load_arrays(f"crops:{tmp_path / 'nope'}")
+
+
+def test_photo_crops_of_the_real_photos(data_dir):
+    assert data.CROP_SOURCES["photos:crops"] == "photos"   # photos:crops = 20,000 of these
+    x, y = data.load_arrays(f"crops:{data_dir / 'photos'}:50")
+    assert x.shape == (50, 32, 32, 3) and x.std() > 20
