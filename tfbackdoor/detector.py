@@ -240,7 +240,7 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
 
 
 def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr=1e-4, seed=0,
-             source_spec=None, sample_ids=None, verbose=1):
+             source_spec=None, sample_ids=None, verbose="auto"):
     """Fine-tune ``model`` on ``samples`` clean images of a new distribution (paper Tables 2-4).
 
     The clean samples are doubled with random manipulations (the training pipeline with
@@ -251,6 +251,8 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
     keras.utils.set_random_seed(seed)
     _compile(model, lr)
     ds = training_dataset(x, batch_size, seed, spec.domain, None, repeat=repeat)
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2   # no progress-bar redraws in logs
     model.fit(ds, epochs=epochs, verbose=verbose)
     if source_spec and sample_ids is not None:
         excl = dict(spec.info.get("exclude", {}))
