@@ -235,3 +235,18 @@ def test_bad_detector_files(tmp_path):
     assert r.exit_code == 2 and "not a tfbackdoor detector" in r.output
     with pytest.raises(TfbdError, match="expects images of shape"):
         detector.score(detector.build(), np.zeros((2, 16, 16, 3), np.uint8))
+
+
+def test_init_continues_from_a_detector_and_checks_it_fits(tiny, tmp_path, data_dir):
+    from tfbackdoor import data
+
+    x, _ = data.load_arrays("cifar10:lossless", limit=64, seed=4)
+    before = detector.load(tiny)
+    out = tmp_path / "cont.keras"
+    m = detector.train(x, out, epochs=1, batch_size=16, init=str(tiny), info={"dataset": "again"}, verbose=0)
+    norm = m.get_layer("input_norm").get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(norm, before.get_layer("input_norm").get_weights()))
+    info = detector.spec_of(detector.load(out)).info
+    assert info["init"]["path"] == str(tiny) and info["init"]["info"]["dataset"] == "cifar10:lossless"
+    with pytest.raises(TfbdError, match="cannot continue as cnn6/image"):
+        detector.train(x, tmp_path / "bad.keras", epochs=1, domain="image", init=str(tiny), verbose=0)
