@@ -133,15 +133,7 @@ def main():
         return float(np.median(times))
 
     def tflite_round(it):
-        inp, out = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
-        times = []
-        for i in range(len(lat_imgs)):
-            t0 = time.perf_counter()
-            it.set_tensor(inp, lat_imgs[i:i + 1])
-            it.invoke()
-            it.get_tensor(out)
-            times.append((time.perf_counter() - t0) * 1000)
-        return float(np.median(times))
+        return float(np.median(export.tflite_scores(it, lat_imgs, return_latency=True)[1]))
 
     # Three interleaved rounds, best median of each: other load on the machine hits all variants alike.
     rounds = {"keras": [], **{q: [] for q in interpreters}}

@@ -214,16 +214,14 @@ def resolve(spec: str, image_size: int | None = None) -> Source:
     ``image_size`` is used only by sources that are generated at the requested size (``crops:``).
     """
     spec = spec.strip()
-    if spec in CROP_SOURCES:
+    if spec in CROP_SOURCES or spec in SHORT_NAMES:
         root = data_root()
         if not root.is_dir():
             raise TfbdError(f"{spec}: data directory {root} not found (set $TFBD_DATA)")
+    if spec in CROP_SOURCES:
         return _load_crops(spec, root / CROP_SOURCES[spec], DEFAULT_CROPS, int(image_size or 32))
     if spec in SHORT_NAMES:
         kind, rel, size = SHORT_NAMES[spec]
-        root = data_root()
-        if not root.is_dir():
-            raise TfbdError(f"{spec}: data directory {root} not found (set $TFBD_DATA)")
         src = _load_npz(spec, root / rel) if kind == "npz" else _list_dir(spec, root / rel)
         src.image_size = src.image_size or size
         if spec in _SPLITS:

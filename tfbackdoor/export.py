@@ -791,11 +791,13 @@ def interpreter(tflite, num_threads=None):
 def tflite_scores(tflite, images, num_threads=None, return_latency=False):
     """P(poisoned) of uint8 images ``(N, H, W, 3)`` through a screener ``.tflite`` (batch 1).
 
-    With ``return_latency`` also returns per-image invoke times in ms.
+    ``tflite`` is a path, bytes, or an already allocated interpreter (reused as is, e.g. for
+    repeated timing rounds). With ``return_latency`` also returns per-image
+    set_tensor + invoke + get_tensor times in ms.
     """
     import time
 
-    it = interpreter(tflite, num_threads)
+    it = tflite if hasattr(tflite, "invoke") else interpreter(tflite, num_threads)
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     images = np.asarray(images)
     dtype = np.dtype(inp["dtype"])
