@@ -160,25 +160,49 @@ def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, l
 @main.command()
 @click.option("--detector", "detector_path", type=click.Path(), default=None, help="Detector .keras (default: shipped).")
 @click.option("--dataset", required=True, help="Clean images of the new distribution.")
-@click.option("--samples", type=int, default=100, show_default=True)
+@click.option("--samples", type=int, default=100, show_default=True, help="Clean images fine-tuned on (seeded subset).")
 @click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--repeat", type=int, default=10, show_default=True,
+              help="Passes over the samples per epoch (1 for large sets).")
 @click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--trigger", default=None,
+              help="Make the poisoned side with this trigger (e.g. smooth:PATH.npy) for --trigger-share of the pairs "
+                   "(the defense upgrade, paper 5.4); the rest keep random manipulations.")
+@click.option("--trigger-share", type=float, default=0.5, show_default=True)
+@click.option("--calibration", type=int, default=0, show_default=True,
+              help="Hold out N more clean images of --dataset and set the threshold on them (with --target-fpr).")
+@click.option("--target-fpr", type=float, default=0.5, show_default=True,
+              help="With --calibration: flag this %% of the held-out clean (and benign-processed) images.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), required=True)
 @handle_errors
-def finetune(detector_path, dataset, samples, epochs, lr, seed, out):
-    """Fine-tune a detector on a few clean samples of a new dataset (they are excluded from evaluation)."""
+def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigger_share, calibration, target_fpr,
+             seed, out):
+    """Fine-tune a detector on clean samples of a new dataset (they are excluded from evaluation),
+    or on clean vs trigger-patched samples (--trigger)."""
     _quiet_tf()
 
-    from tfbackdoor import data, detector
+    from tfbackdoor import data, detector, victim
+    from tfbackdoor.errors import TfbdError
 
+    if samples < 1 or calibration < 0 or repeat < 1 or epochs < 1:
+        raise TfbdError(f"--samples, --epochs, --repeat must be positive and --calibration >= 0 "
+                        f"(got {samples}, {epochs}, {repeat}, {calibration})")
     model = detector.load(detector_path)
     spec = detector.spec_of(model)
-    ds = data.load(dataset, image_size=spec.image_size, with_ids=True, limit=samples, seed=seed)
-    x, _, ids = data.materialize(ds, dataset)
-    click.echo(f"fine-tuning on {len(x)} clean samples of {dataset} (+ as many manipulated), {epochs} epochs")
-    detector.finetune(model, x, out, samples, epochs=epochs, lr=lr, seed=seed, source_spec=dataset, sample_ids=ids)
-    click.echo(f"wrote {out} ({len(ids)} samples recorded as excluded from evaluation on {dataset})")
+    trig = victim.resolve_trigger(trigger, spec.image_size) if trigger else None
+    ds = data.load(dataset, image_size=spec.image_size, with_ids=True, limit=samples + calibration, seed=seed)
+    x_all, _, ids_all = data.materialize(ds, dataset)
+    x, ids = x_all[:samples], ids_all[:samples]
+    x_cal = x_all[samples:] if calibration else None
+    poisoned = f"{trig.name} on {trigger_share:.0%} of them, random manipulations on the rest" if trig else "random manipulations"
+    click.echo(f"fine-tuning on {len(x)} clean samples of {dataset} x {repeat} + as many poisoned ({poisoned}), "
+               f"{epochs} epochs" + (f"; threshold from {len(x_cal)} held-out images" if calibration else ""))
+    detector.finetune(model, x, out, samples, epochs=epochs, repeat=repeat, lr=lr, seed=seed, source_spec=dataset,
+                      sample_ids=ids, trigger=trig, trigger_share=trigger_share, x_calibration=x_cal,
+                      target_fpr=target_fpr if calibration else None)
+    click.echo(f"wrote {out} (threshold {detector.spec_of(keras_load(out)).threshold:.4f}; {len(ids)} samples "
+               f"recorded as excluded from evaluation on {dataset})")
 
 
 @main.command()
@@ -386,6 +410,32 @@ def train_victim_cmd(dataset, test_dataset, out, epochs, batch_size, lr, width, 
     click.echo(f"wrote {out} and {out}.json" + (f"  (final: {summary})" if summary else ""))
 
 
+@main.command("poison")
+@click.option("--dataset", default="cifar10:train", show_default=True, help="Labelled training images (dataset spec).")
+@click.option("--trigger", required=True, help="An attack name, a .png/.npy pattern file, or smooth:PATH.npy.")
+@click.option("--rate", type=float, default=0.1, show_default=True, help="Share of the set poisoned.")
+@click.option("--target", type=int, required=True, help="Backdoor target label.")
+@click.option("--out", type=click.Path(), required=True, help="Output .npz (x, y, poisoned indices); use as npz:OUT.")
+@click.option("--limit", type=int, default=None, help="Seeded subset.")
+@click.option("--image-size", type=int, default=None, help="Resize images to this side.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def poison_cmd(dataset, trigger, rate, target, out, limit, image_size, seed):
+    """Write a poisoned copy of a training set (dirty-label, as train-victim --poison does it)."""
+    _quiet_tf()
+    from tfbackdoor import data, victim
+
+    x, y = data.load_arrays(dataset, image_size=image_size, limit=limit, seed=seed)
+    n_cls = int(y.max()) + 1 if len(y) else 0
+    victim.check_target(max(n_cls, 1), target, dataset)
+    trig = victim.resolve_trigger(trigger, x.shape[1])
+    x2, y2, idx = victim.poison(x, y, trig, rate, target, seed)
+    victim.save_poisoned_npz(out, x2, y2, idx, {"dataset": dataset, "trigger": trig.name, "rate": rate, "target": target,
+                                                "seed": seed, "command": "tfbd " + " ".join(sys.argv[1:])})
+    click.echo(f"wrote {out} ({len(x2)} images, {len(idx)} poisoned with {trig.name} -> label {target}; "
+               f"indices in its 'poisoned' array and {out}.json)")
+
+
 @main.command("attack-eval")
 @click.option("--model", "model_path", type=click.Path(), required=True, help="Victim .keras file.")
 @click.option("--trigger", required=True, help="An attack name, a .png/.npy pattern file, or smooth:PATH.npy.")
@@ -394,10 +444,12 @@ def train_victim_cmd(dataset, test_dataset, out, epochs, batch_size, lr, width, 
 @click.option("--limit", type=int, default=None, help="Seeded subset.")
 @click.option("--image-size", type=int, default=None, help="Resize images to this side.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--detector", "detector_path", type=click.Path(), default=None,
+              help="Screen inputs with this detector first: also report the ASR on inputs it lets through.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (attack, target, acc, asr, n, n_clean).")
 @click.option("--out", type=click.Path(), default=None, help="Also write the JSON to this file.")
 @handle_errors
-def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, seed, as_json, out):
+def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, seed, detector_path, as_json, out):
     """Clean accuracy and attack success rate (ASR) of a victim for a trigger and target."""
     _quiet_tf()
     from tfbackdoor import analysis, data, victim
@@ -406,8 +458,17 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
     victim.check_target(model, target, model_path)
     x, y = data.load_arrays(dataset, image_size=image_size, limit=limit, seed=seed)
     trig = victim.resolve_trigger(trigger, x.shape[1])
-    row = victim.attack_eval(model, x, y, trig, target, name=model_path)
+    screen = None
+    if detector_path:
+        from tfbackdoor import detector
+
+        det = detector.load(detector_path)
+        thr = detector.spec_of(det).threshold
+        screen = lambda imgs: detector.score(det, imgs) > thr  # noqa: E731  (the metrics' "flagged" rule)
+    row = victim.attack_eval(model, x, y, trig, target, name=model_path, screen=screen)
     row = {"model": str(model_path), "dataset": dataset, **row}
+    if detector_path:
+        row["detector"] = str(detector_path)
     if out:
         analysis.write_json(row, out)
     if as_json:
@@ -415,6 +476,10 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
     else:
         click.echo(f"{row['attack']}: clean ACC {row['acc']:.2f}% (n={row['n_clean']})  "
                    f"ASR {row['asr']:.2f}% -> label {row['target']} (n={row['n']})")
+        if "asr_screened" in row:
+            click.echo(f"behind the screener ({detector_path}): ASR {row['asr_screened']:.2f}%  "
+                       f"(triggered inputs rejected {row['bdr']:.2f}%, clean inputs rejected {row['fpr']:.2f}%, "
+                       f"clean accepted and correct {row['acc_screened']:.2f}%)")
 
 
 @main.command("smooth")

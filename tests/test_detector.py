@@ -187,6 +187,44 @@ def test_finetune_excludes_its_samples_from_evaluation(tiny, tmp_path):
     assert len(x) == 500 - len(set(excluded) & {f"gtsrb:test#{i}" for i in np.random.default_rng(0).permutation(12630)[:500]})
 
 
+def test_trigger_reaches_the_poisoned_side_at_the_requested_share(rng):
+    """The defense-upgrade pipeline: with extra_poison, that share of the poisoned half is exactly the
+    triggered clean image (the rest keep a random manipulation)."""
+    from tfbackdoor import triggers
+
+    x = rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
+    trig = triggers.get("badnets")
+    for share, lo, hi in [(1.0, 1.0, 1.0), (0.5, 0.35, 0.65)]:
+        ds = detector.training_dataset(x, batch_size=64, seed=3, domain="image", benign=False, extra_poison=trig,
+                                       extra_share=share)
+        hits = total = 0
+        for inputs, labels in ds:
+            inputs = inputs.numpy().astype(np.uint8)
+            n = len(inputs) // 2
+            assert (labels.numpy() == np.repeat([0, 1], n)).all()
+            same = (inputs[n:] == trig(inputs[:n]).numpy()).all(axis=(1, 2, 3))
+            hits, total = hits + int(same.sum()), total + n
+        assert lo <= hits / total <= hi, (share, hits, total)
+
+
+def test_finetune_with_a_trigger_records_it_and_recalibrates(tiny, tmp_path):
+    out = tmp_path / "tuned.keras"
+    r = CliRunner().invoke(main, ["finetune", "--detector", str(tiny), "--dataset", "cifar10:train", "--samples", "128",
+                                  "--repeat", "1", "--epochs", "1", "--trigger", "smooth", "--trigger-share", "1",
+                                  "--calibration", "100", "--target-fpr", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    m = detector.load(out)
+    info = detector.spec_of(m).info
+    rec = info["finetune"][-1]
+    assert rec["trigger"] == "smooth" and rec["trigger_share"] == 1 and rec["n"] == 128
+    assert rec["calibration"]["n"] == 100 and detector.spec_of(m).threshold == rec["calibration"]["threshold"]
+    assert detector.spec_of(m).threshold != detector.spec_of(detector.load(tiny)).threshold
+    assert len(info["exclude"]["cifar10:train"]) == 128
+    r = CliRunner().invoke(main, ["finetune", "--detector", str(tiny), "--dataset", "cifar10:lossless", "--samples",
+                                  "10", "--trigger", "smooth", "--trigger-share", "1.5", "--out", str(tmp_path / "x.keras")])
+    assert r.exit_code == 2 and "--trigger-share" in r.output and not (tmp_path / "x.keras").exists()
+
+
 def test_resume_after_interruption(tmp_path, data_dir):
     """A run killed during its second epoch resumes from the checkpoint instead of starting over."""
     out = tmp_path / "r.keras"

@@ -37,6 +37,52 @@ def test_asr_on_hand_made_example(rng):
     assert res0["asr"] < 100.0           # a checkerboard is not white: the model is not fooled
 
 
+def test_attack_eval_behind_a_screener(rng):
+    """Inputs the screener rejects cannot succeed: ASR behind a perfect BadNets screener is 0."""
+    model = badnets_detector_model()
+    x = rng.integers(0, 200, (40, 32, 32, 3), dtype=np.uint8)
+    y = np.array([0] * 30 + [1] * 10)
+    t = triggers.get("badnets")
+
+    def screen(imgs):                       # rejects images whose BadNets square is white
+        return np.asarray(imgs)[:, 27:31, 27:31, :].min(axis=(1, 2, 3)) == 255
+
+    res = victim.attack_eval(model, x, y, t, target=1, screen=screen)
+    assert res["asr"] == 100.0 and res["asr_screened"] == 0.0
+    assert res["bdr"] == 100.0 and res["fpr"] == 0.0 and res["acc_screened"] == res["acc"] == 75.0
+
+    def leaky(imgs):                        # lets every second image through
+        return np.arange(len(imgs)) % 2 == 1
+
+    res = victim.attack_eval(model, x, y, t, target=1, screen=leaky)
+    assert res["asr_screened"] == 50.0 and res["bdr"] == 50.0 and res["fpr"] == 50.0
+    assert res["acc_screened"] == 37.5       # 15 of the 30 correct label-0 images are accepted
+
+
+def test_poison_cli_writes_a_loadable_poisoned_set(data_dir, tmp_path):
+    from tfbackdoor import data
+
+    out = tmp_path / "p.npz"
+    r = CliRunner().invoke(main, ["poison", "--dataset", "cifar10:lossless", "--limit", "200", "--trigger", "badnets",
+                                  "--rate", "0.1", "--target", "4", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    x, y = data.load_arrays("cifar10:lossless", limit=200, seed=0)
+    px, py = data.load_arrays(f"npz:{out}")
+    with np.load(out) as d:
+        idx = d["poisoned"]
+    assert len(idx) == 20 and (py[idx] == 4).all() and (y[idx] != 4).all()
+    assert (px[idx][:, 27:31, 27:31] == 255).all()
+    rest = np.setdiff1d(np.arange(200), idx)
+    assert (px[rest] == x[rest]).all() and (py[rest] == y[rest]).all()
+    assert json.loads((tmp_path / "p.npz.json").read_text())["n_poisoned"] == 20
+    r = CliRunner().invoke(main, ["poison", "--dataset", "cifar10:lossless", "--limit", "20", "--trigger", "nosuch",
+                                  "--target", "1", "--out", str(tmp_path / "q.npz")])
+    assert r.exit_code == 2 and "nosuch" in r.output and not (tmp_path / "q.npz").exists()
+    r = CliRunner().invoke(main, ["poison", "--dataset", "cifar10:lossless", "--limit", "20", "--trigger", "badnets",
+                                  "--target", "12", "--out", str(tmp_path / "q.npz")])
+    assert r.exit_code == 2 and "target label 12" in r.output
+
+
 def test_poison_exact_rate_and_label(rng):
     x = rng.integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
     y = np.repeat(np.arange(10), 20)

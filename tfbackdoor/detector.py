@@ -40,7 +40,7 @@ def to_inputs(images, domain="dct"):
 
 
 def training_dataset(x, batch_size=64, seed=0, domain="dct", benign=None, manipulation=None,
-                     repeat=1, extra_poison=None):
+                     repeat=1, extra_poison=None, extra_share=0.5):
     """The balanced clean/manipulated ``tf.data`` pipeline for one epoch of detector training.
 
     Args:
@@ -52,9 +52,10 @@ def training_dataset(x, batch_size=64, seed=0, domain="dct", benign=None, manipu
         ``False``: none).
       manipulation: a :class:`~tfbackdoor.perturb.RandomManipulation` (default: all five).
       repeat: pass over ``x`` this many times per epoch (for tiny fine-tuning sets).
-      extra_poison: optional trigger (callable on uint8 batches) applied to the poisoned half
-        instead of a random manipulation for half of the batches' poisoned samples (used by the
-        smooth-trigger defense upgrade).
+      extra_poison: optional trigger (callable on uint8 batches) that makes the poisoned sample
+        instead of a random manipulation for a random ``extra_share`` of the pairs (the
+        smooth-trigger defense upgrade, :func:`finetune`).
+      extra_share: that share (1: every poisoned sample carries ``extra_poison``).
 
     Yields ``(inputs float32 (2B, H, W, 3), labels int32 (2B,))`` with label 1 = poisoned.
     """
@@ -78,7 +79,7 @@ def training_dataset(x, batch_size=64, seed=0, domain="dct", benign=None, manipu
         poisoned = manipulation(imgs, s)
         if extra_poison is not None:
             trig = extra_poison(imgs)
-            use = tf.random.stateless_uniform([tf.shape(imgs)[0], 1, 1, 1], s + 7) < 0.5
+            use = tf.random.stateless_uniform([tf.shape(imgs)[0], 1, 1, 1], s + 7) < extra_share
             poisoned = tf.where(use, trig, poisoned)
         both = tf.concat([imgs, poisoned], 0)
         labels = tf.concat([tf.zeros([tf.shape(imgs)[0]], tf.int32), tf.ones([tf.shape(imgs)[0]], tf.int32)], 0)
@@ -240,24 +241,45 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
 
 
 def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr=1e-4, seed=0,
-             source_spec=None, sample_ids=None, verbose="auto"):
-    """Fine-tune ``model`` on ``samples`` clean images of a new distribution (paper Tables 2-4).
+             source_spec=None, sample_ids=None, verbose="auto", trigger=None, trigger_share=0.5,
+             x_calibration=None, target_fpr=None):
+    """Fine-tune ``model`` on clean images ``x`` and save it to ``out`` (atomically).
 
-    The clean samples are doubled with random manipulations (the training pipeline with
-    ``repeat`` passes per epoch). The ids of the samples used are stored in the model's
-    :class:`DetectorSpec` (``info["exclude"]``) so :func:`evaluate_dataset` leaves them out.
+    Two uses:
+
+    * a new distribution (paper Tables 2-4): ``samples`` (e.g. 100) clean images, doubled with
+      random manipulations (the training pipeline with ``repeat`` passes per epoch);
+    * the smooth-trigger defense upgrade (paper Section 5.4): ``trigger`` (any
+      :class:`tfbackdoor.triggers.Trigger`, e.g. ``SmoothTrigger``) makes the poisoned side of a
+      ``trigger_share`` of the pairs (the rest keep a random manipulation, so the detector does not
+      forget them); e.g. 10,000 clean images, ``repeat=1``, one epoch = 20,000 inputs.
+
+    The ids of the samples used are stored in the model's :class:`DetectorSpec`
+    (``info["exclude"]``) so :func:`evaluate_dataset` leaves them out. With ``x_calibration``
+    (held-out clean images, not in ``x``) and ``target_fpr``, the threshold is set again
+    (:func:`calibrate_threshold`); otherwise it is kept.
     """
     spec = spec_of(model)
+    if trigger is not None and not 0 < trigger_share <= 1:
+        raise TfbdError(f"--trigger-share must be in (0, 1] (got {trigger_share})")
     keras.utils.set_random_seed(seed)
     _compile(model, lr)
-    ds = training_dataset(x, batch_size, seed, spec.domain, None, repeat=repeat)
+    ds = training_dataset(x, batch_size, seed, spec.domain, None, repeat=repeat, extra_poison=trigger,
+                          extra_share=trigger_share)
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2   # no progress-bar redraws in logs
-    model.fit(ds, epochs=epochs, verbose=verbose)
+    model.fit(ds, epochs=epochs, verbose=verbose, shuffle=False)   # the pipeline shuffles
     if source_spec and sample_ids is not None:
         excl = dict(spec.info.get("exclude", {}))
         excl[source_spec] = sorted(set(excl.get(source_spec, [])) | set(sample_ids))
         spec.info = {**spec.info, "exclude": excl}
+    record = {"n": int(len(x)), "epochs": epochs, "repeat": repeat, "lr": lr, "source": source_spec}
+    if trigger is not None:
+        record.update({"trigger": getattr(trigger, "name", str(trigger)), "trigger_share": trigger_share})
+    if x_calibration is not None and target_fpr is not None and len(x_calibration):
+        spec.threshold = calibrate_threshold(model, x_calibration, target_fpr)
+        record["calibration"] = {"n": int(len(x_calibration)), "target_fpr": target_fpr, "threshold": spec.threshold}
+    spec.info = {**spec.info, "finetune": spec.info.get("finetune", []) + [record]}
     save(model, out)
     return model
 

@@ -178,23 +178,53 @@ def poison(x, y, trigger, rate=0.1, target=0, seed=0):
 
 _poison = poison  # train_victim has an argument named "poison"
 
+def save_poisoned_npz(path, x, y, idx, info=None):
+    """Write a poisoned set as ``.npz`` (atomically): ``x``, ``y`` (usable as ``npz:PATH``) and
+    ``poisoned`` (the sorted indices of the triggered samples), with ``PATH.json`` beside it."""
+    from .analysis import write_json
+    from .atomic import atomic_path
 
-def attack_eval(model, x, y, trigger, target, batch_size=256, name=None) -> dict:
+    with atomic_path(path, ".npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, x=np.asarray(x, np.uint8), y=np.asarray(y, np.int64), poisoned=np.asarray(idx, np.int64))
+    write_json({**(info or {}), "n": int(len(x)), "n_poisoned": int(len(idx))}, str(path) + ".json")
+
+
+
+def attack_eval(model, x, y, trigger, target, batch_size=256, name=None, screen=None) -> dict:
     """Clean accuracy on ``(x, y)`` and ASR of ``trigger`` (percent).
 
     ASR: share of triggered images whose true label is not ``target`` that the model labels
     ``target`` (:func:`tfbackdoor.metrics.attack_success_rate`). Returns
     ``{"attack", "target", "acc", "asr", "n", "n_clean"}`` with ``n`` the triggered images counted.
+
+    ``screen`` (optional): a callable taking uint8 images and returning a boolean array, True for
+    inputs a screener rejects (e.g. a detector's score above its threshold). The attack then only
+    succeeds on triggered inputs that pass the screen *and* reach the target; the result gains
+    ``asr_screened`` (that share, percent), ``bdr`` (triggered inputs rejected), ``fpr`` (clean
+    inputs rejected) and ``acc_screened`` (clean inputs accepted and classified correctly).
     """
     check_model_fits(model, x, name)
     target = check_target(model, target, name)
     y = np.asarray(y).astype(np.int64)
-    acc = metrics.accuracy(predict(model, x, batch_size), y)
+    pred = predict(model, x, batch_size)
+    acc = metrics.accuracy(pred, y)
     keep = y != target
-    pred_t = predict(model, apply_trigger(trigger, x[keep]), batch_size)
+    x_t = apply_trigger(trigger, x[keep])
+    pred_t = predict(model, x_t, batch_size)
     asr = metrics.attack_success_rate(pred_t, y[keep], target)
-    return {"attack": getattr(trigger, "name", str(trigger)), "target": target, "acc": round(acc, 2),
-            "asr": round(asr, 2), "n": int(keep.sum()), "n_clean": int(len(x))}
+    row = {"attack": getattr(trigger, "name", str(trigger)), "target": target, "acc": round(acc, 2),
+           "asr": round(asr, 2), "n": int(keep.sum()), "n_clean": int(len(x))}
+    if screen is not None:
+        rej_t = np.asarray(screen(x_t), bool)
+        rej_c = np.asarray(screen(x), bool)
+        row.update({
+            "asr_screened": round(100.0 * float(np.mean((pred_t == target) & ~rej_t)) if len(pred_t) else float("nan"), 2),
+            "bdr": round(100.0 * float(np.mean(rej_t)) if len(rej_t) else float("nan"), 2),
+            "fpr": round(100.0 * float(np.mean(rej_c)), 2),
+            "acc_screened": round(100.0 * float(np.mean((pred == y) & ~rej_c)), 2),
+        })
+    return row
 
 
 # -------------------------------------------------------------------------------- training
@@ -326,5 +356,5 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
     return model, history
 
 
-__all__ = ["build_victim", "load", "save", "predict", "poison", "apply_trigger", "resolve_trigger", "train_victim",
+__all__ = ["build_victim", "load", "save", "predict", "poison", "save_poisoned_npz", "apply_trigger", "resolve_trigger", "train_victim",
            "attack_eval", "check_model_fits", "check_target", "num_classes"]
