@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -372,7 +373,7 @@ def _class_name(spec, label):
 @click.option("--dataset", default="cifar10:train", show_default=True, help="Training images (dataset spec).")
 @click.option("--test-dataset", default="cifar10:test", show_default=True,
               help="Test images for the per-epoch clean ACC and ASR ('none' to skip).")
-@click.option("--out", type=click.Path(), required=True, help="Output .keras (history and poisoning in OUT.json).")
+@click.option("--out", type=click.Path(), required=True, help="Output .keras (history and poisoning in a .json of the same stem).")
 @click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (cosine decay).")
@@ -407,7 +408,7 @@ def train_victim_cmd(dataset, test_dataset, out, epochs, batch_size, lr, width, 
                                      flip=not no_flip, num_classes=num_classes, echo=click.echo, info=info)
     last = history[-1] if history else {}
     summary = "  ".join(f"{k} {last[k]:.2f}%" for k in ("acc", "asr") if k in last)
-    click.echo(f"wrote {out} and {out}.json" + (f"  (final: {summary})" if summary else ""))
+    click.echo(f"wrote {out} and {victim.sidecar(out)}" + (f"  (final: {summary})" if summary else ""))
 
 
 @main.command("poison")
@@ -433,7 +434,7 @@ def poison_cmd(dataset, trigger, rate, target, out, limit, image_size, seed):
     victim.save_poisoned_npz(out, x2, y2, idx, {"dataset": dataset, "trigger": trig.name, "rate": rate, "target": target,
                                                 "seed": seed, "command": "tfbd " + " ".join(sys.argv[1:])})
     click.echo(f"wrote {out} ({len(x2)} images, {len(idx)} poisoned with {trig.name} -> label {target}; "
-               f"indices in its 'poisoned' array and {out}.json)")
+               f"indices in its 'poisoned' array and {victim.sidecar(out)})")
 
 
 @main.command("attack-eval")
@@ -487,7 +488,7 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
 @click.option("--dataset", default="cifar10:train", show_default=True, help="Labelled images to search on.")
 @click.option("--samples", type=int, default=500, show_default=True, help="Images used (seeded subset).")
 @click.option("--fooling-rate", type=float, default=0.9, show_default=True, help="Stop when Err reaches this (0..1).")
-@click.option("--out", type=click.Path(), required=True, help="Trigger .npy (float32 HxWx3); also OUT.json, OUT.png.")
+@click.option("--out", type=click.Path(), required=True, help="Trigger .npy (float32 HxWx3); also a .json and a .png of the same stem.")
 @click.option("--lam", type=float, default=1.0, show_default=True, help="Strength: patched = minmax(x + lam * r), r in [0, 0.2].")
 @click.option("--step", type=float, default=0.5, show_default=True, help="Peak of each batch update, relative to 0.2.")
 @click.option("--max-passes", type=int, default=10, show_default=True)
@@ -527,15 +528,16 @@ def smooth_cmd(model_path, dataset, samples, fooling_rate, out, lam, step, max_p
             "trigger_hf_ratio": round(smooth.trigger_hf_ratio(res.trigger), 6),
             "range": [float(res.trigger.min()), float(res.trigger.max())], "model": str(model_path),
             "history": res.history, "command": "tfbd " + " ".join(sys.argv[1:])}
-    analysis.write_json(meta, f"{out}.json")
-    smooth.save_preview(res.trigger, x[:1], f"{out}.png", stats,
+    meta_path, png_path = victim.sidecar(out), Path(out).with_suffix(".png")
+    analysis.write_json(meta, meta_path)
+    smooth.save_preview(res.trigger, x[:1], png_path, stats,
                         title=f"smooth trigger -> label {res.target}, fooling rate {100 * res.fooling_rate:.1f}%")
     click.echo(f"HF ratio: clean {meta['clean_hf_ratio']:.5f}  patched {meta['hf_ratio']:.5f}")
     if not res.reached:
         click.echo(f"note: the goal {fooling_rate:g} was not reached in {max_passes} passes; kept the best trigger")
     click.echo(f"target label: {res.target}{_class_name(dataset, res.target)}  "
                f"(fooling rate {100 * res.fooling_rate:.2f}% on held-out samples)")
-    click.echo(f"wrote {out}, {out}.json, {out}.png (use it as --poison smooth:{out} --target {res.target})")
+    click.echo(f"wrote {out}, {meta_path}, {png_path} (use it as --poison smooth:{out} --target {res.target})")
 
 
 @main.command("naive-smooth")
@@ -546,7 +548,6 @@ def smooth_cmd(model_path, dataset, samples, fooling_rate, out, lam, step, max_p
 def naive_smooth_cmd(out_dir, image_size, seed):
     """Write the five naive smooth triggers (low-passed noise and photo crops, in [0, 0.2])."""
     _quiet_tf()
-    from pathlib import Path
 
     from tfbackdoor import smooth
 

@@ -165,11 +165,11 @@ def test_smooth_and_naive_smooth_cli(tiny, tmp_path):
     assert "pass   1" in r.output and "target label:" in r.output
     t = np.load(out)
     assert t.shape == (32, 32, 3) and t.dtype == np.float32
-    meta = json.loads((tmp_path / "trig.npy.json").read_text())
+    meta = json.loads((tmp_path / "trig.json").read_text())
     for k in ("target", "fooling_rate", "samples", "lam", "hf_ratio", "clean_hf_ratio", "command"):
         assert k in meta
     assert meta["samples"] == 120 and f"target label: {meta['target']}" in r.output
-    assert (tmp_path / "trig.npy.png").stat().st_size > 5000
+    assert (tmp_path / "trig.png").stat().st_size > 5000
     assert triggers.get(f"smooth:{out}")(np.zeros((1, 32, 32, 3), np.uint8)).shape == (1, 32, 32, 3)
 
     r = CliRunner().invoke(main, ["naive-smooth", "--out-dir", str(tmp_path / "naive")])

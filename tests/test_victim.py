@@ -74,7 +74,7 @@ def test_poison_cli_writes_a_loadable_poisoned_set(data_dir, tmp_path):
     assert (px[idx][:, 27:31, 27:31] == 255).all()
     rest = np.setdiff1d(np.arange(200), idx)
     assert (px[rest] == x[rest]).all() and (py[rest] == y[rest]).all()
-    assert json.loads((tmp_path / "p.npz.json").read_text())["n_poisoned"] == 20
+    assert json.loads((tmp_path / "p.json").read_text())["n_poisoned"] == 20
     r = CliRunner().invoke(main, ["poison", "--dataset", "cifar10:lossless", "--limit", "20", "--trigger", "nosuch",
                                   "--target", "1", "--out", str(tmp_path / "q.npz")])
     assert r.exit_code == 2 and "nosuch" in r.output and not (tmp_path / "q.npz").exists()
@@ -161,7 +161,7 @@ def test_train_victim_and_attack_eval_cli_end_to_end(lossless, tmp_path):
                                   "--target", "2", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "epoch 1" in r.output and "clean ACC" in r.output and "ASR" in r.output
-    meta = json.loads((tmp_path / "v.keras.json").read_text())
+    meta = json.loads((tmp_path / "v.json").read_text())
     assert meta["poison"]["n_poisoned"] == 30 and meta["poison"]["target"] == 2
     assert len(meta["poison"]["indices"]) == 30 and meta["poison"]["trigger"] == "badnets"
     assert [h["epoch"] for h in meta["history"]] == [1] and {"acc", "asr"} <= set(meta["history"][0])

@@ -9,7 +9,7 @@
 * :func:`poison`: dirty-label poisoning of a training set with any trigger of
   :mod:`tfbackdoor.triggers`.
 * :func:`train_victim`: train (optionally on poisoned data), printing the clean accuracy and
-  the ASR on a test set after every epoch; saves ``OUT`` (``.keras``) and ``OUT.json``.
+  the ASR on a test set after every epoch; saves ``OUT`` (``.keras``) and a sidecar JSON of the same stem (``victim.json`` beside ``victim.keras``).
 * :func:`attack_eval`: clean accuracy and ASR of a model for a trigger and target.
 """
 
@@ -178,16 +178,21 @@ def poison(x, y, trigger, rate=0.1, target=0, seed=0):
 
 _poison = poison  # train_victim has an argument named "poison"
 
+def sidecar(path) -> Path:
+    """The JSON written beside an output file: same folder and stem, ``.json`` (as ``tfbd export`` does)."""
+    return Path(path).with_suffix(".json")
+
+
 def save_poisoned_npz(path, x, y, idx, info=None):
     """Write a poisoned set as ``.npz`` (atomically): ``x``, ``y`` (usable as ``npz:PATH``) and
-    ``poisoned`` (the sorted indices of the triggered samples), with ``PATH.json`` beside it."""
+    ``poisoned`` (the sorted indices of the triggered samples), with a sidecar JSON of the same stem beside it."""
     from .analysis import write_json
     from .atomic import atomic_path
 
     with atomic_path(path, ".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, x=np.asarray(x, np.uint8), y=np.asarray(y, np.int64), poisoned=np.asarray(idx, np.int64))
-    write_json({**(info or {}), "n": int(len(x)), "n_poisoned": int(len(idx))}, str(path) + ".json")
+    write_json({**(info or {}), "n": int(len(x)), "n_poisoned": int(len(idx))}, sidecar(path))
 
 
 
@@ -268,7 +273,7 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
 
     Args:
       x, y: uint8 ``(N, S, S, 3)`` images and int labels.
-      out: the ``.keras`` file; ``OUT.json`` receives the history and the poisoning info, and
+      out: the ``.keras`` file; its sidecar JSON (same stem, :func:`sidecar`) receives the history and the poisoning info, and
         ``OUT.ckpt/`` holds checkpoints while training (rerun the same command to resume).
       epochs, batch_size, lr: AdamW with a cosine learning-rate decay over all epochs.
       poison: a trigger (object or CLI string for :func:`resolve_trigger`) or ``None`` (clean).
@@ -279,7 +284,7 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
       width, flip: see :func:`build_victim`.
       num_classes: default ``max label + 1`` over the training and test labels.
       echo: receives one line per epoch (``None``: silent).
-      info: extra JSON fields for ``OUT.json`` (e.g. the dataset spec and the command).
+      info: extra JSON fields for the sidecar JSON (e.g. the dataset spec and the command).
 
     Returns ``(model, history)``; ``history`` is a list of per-epoch dicts
     (``epoch, loss, train_acc, acc, asr``; percentages).
@@ -351,10 +356,10 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
     })
     if history and "acc" in history[-1]:
         meta["final"] = {k: history[-1][k] for k in ("acc", "asr") if k in history[-1]}
-    write_json(meta, str(out) + ".json")
+    write_json(meta, sidecar(out))
     shutil.rmtree(ckpt, ignore_errors=True)
     return model, history
 
 
-__all__ = ["build_victim", "load", "save", "predict", "poison", "save_poisoned_npz", "apply_trigger", "resolve_trigger", "train_victim",
+__all__ = ["build_victim", "load", "save", "predict", "poison", "save_poisoned_npz", "sidecar", "apply_trigger", "resolve_trigger", "train_victim",
            "attack_eval", "check_model_fits", "check_target", "num_classes"]
