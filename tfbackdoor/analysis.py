@@ -55,7 +55,9 @@ def plot_spectra(stats: dict, out, title=""):
     im = None
     for ax, k in zip(axes.flat, names):
         im = ax.imshow(stats[k]["mean_log_spectrum"], cmap="viridis", vmin=vmin, vmax=vmax)
-        ax.set_title(f"{k}\nHF ratio {stats[k]['hf_ratio']:.4f}", fontsize=9)
+        kind, sep, path = k.partition(":")                # file triggers: "smooth:DIR/x.npy" -> "smooth:x.npy"
+        label = f"{kind}:{Path(path).name}" if sep and "/" in path else k
+        ax.set_title(f"{label}\nHF ratio {stats[k]['hf_ratio']:.4f}", fontsize=9)
         ax.set_xlabel("horizontal freq v", fontsize=7)
         ax.set_ylabel("vertical freq u", fontsize=7)
         ax.tick_params(labelsize=6)
