@@ -161,17 +161,20 @@ def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, l
 @main.command()
 @click.option("--detector", "detector_path", type=click.Path(), default=None, help="Detector .keras (default: shipped).")
 @click.option("--dataset", required=True, help="Clean images of the new distribution.")
-@click.option("--samples", type=int, default=100, show_default=True, help="Clean images fine-tuned on (seeded subset).")
+@click.option("--samples", type=int, default=100, show_default=True,
+              help="Clean images fine-tuned on (seeded subset; for A+B, of each part).")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--repeat", type=int, default=10, show_default=True,
               help="Passes over the samples per epoch (1 for large sets).")
 @click.option("--lr", type=float, default=1e-4, show_default=True)
 @click.option("--trigger", default=None,
-              help="Make the poisoned side with this trigger (e.g. smooth:PATH.npy) for --trigger-share of the pairs "
-                   "(the defense upgrade, paper 5.4); the rest keep random manipulations.")
+              help="Make the poisoned side with this trigger (e.g. smooth:PATH.npy; a comma-separated list gives each "
+                   "image one of them; smooth:random draws a new low-passed pattern per image) for --trigger-share of "
+                   "the pairs (the defense upgrade, paper 5.4); the rest keep random manipulations.")
 @click.option("--trigger-share", type=float, default=0.5, show_default=True)
 @click.option("--calibration", type=int, default=0, show_default=True,
-              help="Hold out N more clean images of --dataset and set the threshold on them (with --target-fpr).")
+              help="Hold out N more clean images of --dataset (of each part) and set the threshold on them "
+                   "(with --target-fpr).")
 @click.option("--target-fpr", type=float, default=0.5, show_default=True,
               help="With --calibration: flag this %% of the held-out clean (and benign-processed) images.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -183,7 +186,9 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigg
     or on clean vs trigger-patched samples (--trigger)."""
     _quiet_tf()
 
-    from tfbackdoor import data, detector, victim
+    import numpy as np
+
+    from tfbackdoor import data, detector, triggers, victim
     from tfbackdoor.errors import TfbdError
 
     if samples < 1 or calibration < 0 or repeat < 1 or epochs < 1:
@@ -191,16 +196,24 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigg
                         f"(got {samples}, {epochs}, {repeat}, {calibration})")
     model = detector.load(detector_path)
     spec = detector.spec_of(model)
-    trig = victim.resolve_trigger(trigger, spec.image_size) if trigger else None
-    ds = data.load(dataset, image_size=spec.image_size, with_ids=True, limit=samples + calibration, seed=seed)
-    x_all, _, ids_all = data.materialize(ds, dataset)
-    x, ids = x_all[:samples], ids_all[:samples]
-    x_cal = x_all[samples:] if calibration else None
+    trig = None
+    if trigger:   # one trigger, or a comma-separated list of which each patched image gets one
+        parts = [victim.resolve_trigger(t, spec.image_size) for t in trigger.split(",") if t.strip()]
+        trig = parts[0] if len(parts) == 1 else triggers.OneOf(parts, seed=seed)
+    xs, cals, exclude = [], [], {}
+    for part in [p.strip() for p in dataset.split("+") if p.strip()]:   # A+B: --samples of each part
+        ds = data.load(part, image_size=spec.image_size, with_ids=True, limit=samples + calibration, seed=seed)
+        x_all, _, ids_all = data.materialize(ds, part)
+        xs.append(x_all[:samples])
+        cals.append(x_all[samples:])
+        exclude[part] = list(ids_all[:samples])
+    x, ids = np.concatenate(xs), [i for v in exclude.values() for i in v]
+    x_cal = np.concatenate(cals) if calibration else None
     poisoned = f"{trig.name} on {trigger_share:.0%} of them, random manipulations on the rest" if trig else "random manipulations"
     click.echo(f"fine-tuning on {len(x)} clean samples of {dataset} x {repeat} + as many poisoned ({poisoned}), "
                f"{epochs} epochs" + (f"; threshold from {len(x_cal)} held-out images" if calibration else ""))
-    detector.finetune(model, x, out, samples, epochs=epochs, repeat=repeat, lr=lr, seed=seed, source_spec=dataset,
-                      sample_ids=ids, trigger=trig, trigger_share=trigger_share, x_calibration=x_cal,
+    detector.finetune(model, x, out, samples, epochs=epochs, repeat=repeat, lr=lr, seed=seed, exclude=exclude,
+                      trigger=trig, trigger_share=trigger_share, x_calibration=x_cal,
                       target_fpr=target_fpr if calibration else None)
     click.echo(f"wrote {out} (threshold {detector.spec_of(keras_load(out)).threshold:.4f}; {len(ids)} samples "
                f"recorded as excluded from evaluation on {dataset})")

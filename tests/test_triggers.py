@@ -101,3 +101,34 @@ def test_trigger_files_and_errors(tmp_path, rng):
     np.save(tmp_path / "bad.npy", np.zeros((5, 5, 5, 5)))
     with pytest.raises(TfbdError, match="shape"):
         triggers.from_file(tmp_path / "bad.npy")
+
+
+def test_random_smooth_trigger_is_seeded_smooth_and_varies_per_image(lossless):
+    from tfbackdoor import analysis
+
+    x, _ = lossless
+    x = x[:128]
+    t = triggers.get("smooth:random")
+    y = t(x).numpy()
+    assert (y == t(x).numpy()).all()                          # same batch, same triggers
+    assert (t(x[:64]).numpy() != y[:64]).any()                # another batch, other draws
+    assert y.min() == 0 and y.max() == 255                    # the min-max rule
+    # every image carries a pattern, and not the same one: the added patterns differ between images
+    d = y.astype(np.float32) - x.astype(np.float32)
+    assert (np.abs(d).mean(axis=(1, 2, 3)) > 1).all()
+    assert np.std(d[:, 16, 16, :] - d[:, 0, 0, :], axis=0).mean() > 3
+    stats = analysis.spectrum_stats(x, [t])
+    assert stats["smooth:random"]["hf_ratio"] <= stats["clean"]["hf_ratio"] * 1.05   # no high-frequency artifacts
+    again = triggers.from_config(triggers.serialize(t))
+    assert (again(x).numpy() == y).all()
+
+
+def test_one_of_gives_each_image_exactly_one_trigger(rng):
+    x = rng.integers(0, 200, (200, 32, 32, 3), dtype=np.uint8)
+    a, b = triggers.get("badnets"), triggers.get("checker")
+    out = triggers.OneOf([a, b], seed=3)(x).numpy()
+    is_a = (out == a(x).numpy()).all(axis=(1, 2, 3))
+    is_b = (out == b(x).numpy()).all(axis=(1, 2, 3))
+    assert (is_a ^ is_b).all() and 0.3 < is_a.mean() < 0.7
+    again = triggers.from_config(triggers.serialize(triggers.OneOf([a, b], seed=3)))
+    assert (again(x).numpy() == out).all()

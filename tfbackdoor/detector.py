@@ -242,7 +242,7 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
 
 def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr=1e-4, seed=0,
              source_spec=None, sample_ids=None, verbose="auto", trigger=None, trigger_share=0.5,
-             x_calibration=None, target_fpr=None):
+             x_calibration=None, target_fpr=None, exclude=None):
     """Fine-tune ``model`` on clean images ``x`` and save it to ``out`` (atomically).
 
     Two uses:
@@ -254,8 +254,9 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
       ``trigger_share`` of the pairs (the rest keep a random manipulation, so the detector does not
       forget them); e.g. 10,000 clean images, ``repeat=1``, one epoch = 20,000 inputs.
 
-    The ids of the samples used are stored in the model's :class:`DetectorSpec`
-    (``info["exclude"]``) so :func:`evaluate_dataset` leaves them out. With ``x_calibration``
+    The ids of the samples used (``sample_ids`` of ``source_spec``, and/or ``exclude``: a dict
+    spec -> ids) are stored in the model's :class:`DetectorSpec` (``info["exclude"]``) so
+    :func:`evaluate_dataset` leaves them out. With ``x_calibration``
     (held-out clean images, not in ``x``) and ``target_fpr``, the threshold is set again
     (:func:`calibrate_threshold`); otherwise it is kept.
     """
@@ -269,9 +270,13 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2   # no progress-bar redraws in logs
     model.fit(ds, epochs=epochs, verbose=verbose, shuffle=False)   # the pipeline shuffles
+    exclude = dict(exclude or {})
     if source_spec and sample_ids is not None:
+        exclude[source_spec] = list(sample_ids)
+    if exclude:
         excl = dict(spec.info.get("exclude", {}))
-        excl[source_spec] = sorted(set(excl.get(source_spec, [])) | set(sample_ids))
+        for part, ids in exclude.items():
+            excl[part] = sorted(set(excl.get(part, [])) | set(ids))
         spec.info = {**spec.info, "exclude": excl}
     record = {"n": int(len(x)), "epochs": epochs, "repeat": repeat, "lr": lr, "source": source_spec}
     if trigger is not None:

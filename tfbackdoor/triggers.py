@@ -245,6 +245,70 @@ class SmoothTrigger(Trigger):
         return {"pattern": self.pattern.tolist(), "alpha": self.alpha, "name": self.name}
 
 
+class RandomSmoothTrigger(Trigger):
+    """A fresh random smooth trigger per image: ``minmax(x + a * S_i)`` (for detector training).
+
+    ``S_i`` is either Gaussian noise or another image of the batch (with probability
+    ``photo_prob``), its per-channel mean removed, passed through the paper's low-pass filter
+    (:func:`tfbackdoor.smooth.low_pass`: sigma 6 px, 30 taps) and scaled to [0, ``bound``], as the
+    naive smooth triggers are made; ``a`` is uniform in ``amplitude``. The draw is seeded by
+    ``seed`` and the batch's pixel sum, so the same batch always gets the same triggers. Works
+    inside ``tf.data`` (graph mode). Name: ``smooth:random``.
+    """
+
+    name = "smooth:random"
+
+    def __init__(self, bound=0.2, amplitude=(0.5, 1.0), photo_prob=0.5, seed=0, name=None):
+        self.bound, self.amplitude = float(bound), (float(amplitude[0]), float(amplitude[1]))
+        self.photo_prob, self.seed = float(photo_prob), int(seed)
+        if name:
+            self.name = name
+
+    def apply(self, x):
+        from .smooth import low_pass  # smooth imports victim, which needs nothing of ours at import
+
+        n = tf.shape(x)[0]
+        key = tf.stack([tf.cast(tf.reduce_sum(x * 255.0), tf.int64), tf.constant(self.seed, tf.int64)])
+        noise = tf.random.stateless_normal(tf.shape(x), key)
+        use_photo = tf.random.stateless_uniform([n, 1, 1, 1], key + 1) < self.photo_prob
+        src = tf.where(use_photo, tf.roll(x, 1, axis=0), noise)
+        src = src - tf.reduce_mean(src, axis=[1, 2], keepdims=True)
+        pat = low_pass(src)
+        lo = tf.reduce_min(pat, axis=[1, 2, 3], keepdims=True)
+        hi = tf.reduce_max(pat, axis=[1, 2, 3], keepdims=True)
+        pat = (pat - lo) / tf.maximum(hi - lo, 1e-12) * self.bound
+        a = tf.random.stateless_uniform([n, 1, 1, 1], key + 2, self.amplitude[0], self.amplitude[1])
+        return minmax_scale(x + a * pat)
+
+    def get_config(self):
+        return {"bound": self.bound, "amplitude": list(self.amplitude), "photo_prob": self.photo_prob,
+                "seed": self.seed, "name": self.name}
+
+
+class OneOf(Trigger):
+    """Each image gets ONE of ``triggers``, drawn uniformly (seeded by ``seed`` and the batch's pixel sum)."""
+
+    name = "one_of"
+
+    def __init__(self, triggers, seed=0, name=None):
+        self.triggers = list(triggers)
+        if not self.triggers:
+            raise TfbdError("OneOf needs at least one trigger")
+        self.seed = int(seed)
+        self.name = name or ",".join(t.name for t in self.triggers)
+
+    def apply(self, x):
+        key = tf.stack([tf.cast(tf.reduce_sum(x * 255.0), tf.int64), tf.constant(self.seed + 11, tf.int64)])
+        pick = tf.random.stateless_uniform([tf.shape(x)[0]], key, 0, len(self.triggers), dtype=tf.int32)
+        out = x
+        for k, t in enumerate(self.triggers):
+            out = tf.where(tf.equal(pick, k)[:, None, None, None], t.apply(x), out)
+        return out
+
+    def get_config(self):
+        return {"triggers": [serialize(t) for t in self.triggers], "seed": self.seed, "name": self.name}
+
+
 class Compose(Trigger):
     """Apply several triggers in order."""
 
@@ -264,7 +328,8 @@ class Compose(Trigger):
         return {"triggers": [serialize(t) for t in self.triggers], "name": self.name}
 
 
-_CLASSES = {c.__name__: c for c in (PatchTrigger, AdditiveTrigger, BlendTrigger, SmoothTrigger, Compose)}
+_CLASSES = {c.__name__: c for c in (PatchTrigger, AdditiveTrigger, BlendTrigger, SmoothTrigger, RandomSmoothTrigger,
+                                    Compose, OneOf)}
 
 
 def serialize(trigger: Trigger) -> dict:
@@ -273,7 +338,7 @@ def serialize(trigger: Trigger) -> dict:
 
 def from_config(d: dict) -> Trigger:
     cfg = dict(d["config"])
-    if d["class_name"] == "Compose":
+    if d["class_name"] in ("Compose", "OneOf"):
         cfg["triggers"] = [from_config(t) for t in cfg["triggers"]]
     return _CLASSES[d["class_name"]](**cfg)
 
@@ -354,11 +419,14 @@ def get(name: str, image_size: int = 32, trigger_dir=None) -> Trigger:
 
     Names: the paper's ``badnets trojan_wm trojan_sq blend nature l2_inv l0_inv smooth``; the
     built-ins ``noise_blend`` and ``checker``; ``smooth:PATH.npy`` (a smooth trigger file, e.g.
-    one made by ``tfbd smooth``); ``file:PATH`` (an additive pattern file).
+    one made by ``tfbd smooth``); ``smooth:random`` (a fresh random low-passed pattern per image,
+    :class:`RandomSmoothTrigger`); ``file:PATH`` (an additive pattern file).
     """
     if isinstance(name, Trigger):
         return name
     key = name.strip()
+    if key == "smooth:random":
+        return RandomSmoothTrigger()
     if key.startswith("smooth:"):
         return from_file(key[len("smooth:"):], kind="smooth")
     if key.startswith("file:"):
