@@ -213,8 +213,9 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigg
     click.echo(f"fine-tuning on {len(x)} clean samples of {dataset} x {repeat} + as many poisoned ({poisoned}), "
                f"{epochs} epochs" + (f"; threshold from {len(x_cal)} held-out images" if calibration else ""))
     detector.finetune(model, x, out, samples, epochs=epochs, repeat=repeat, lr=lr, seed=seed, exclude=exclude,
+                      source_spec=dataset,
                       trigger=trig, trigger_share=trigger_share, x_calibration=x_cal,
-                      target_fpr=target_fpr if calibration else None)
+                      target_fpr=target_fpr if calibration else None, command="tfbd " + " ".join(sys.argv[1:]))
     click.echo(f"wrote {out} (threshold {detector.spec_of(keras_load(out)).threshold:.4f}; {len(ids)} samples "
                f"recorded as excluded from evaluation on {dataset})")
 

@@ -242,7 +242,7 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
 
 def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr=1e-4, seed=0,
              source_spec=None, sample_ids=None, verbose="auto", trigger=None, trigger_share=0.5,
-             x_calibration=None, target_fpr=None, exclude=None):
+             x_calibration=None, target_fpr=None, exclude=None, command=None):
     """Fine-tune ``model`` on clean images ``x`` and save it to ``out`` (atomically).
 
     Two uses:
@@ -278,7 +278,7 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
         for part, ids in exclude.items():
             excl[part] = sorted(set(excl.get(part, [])) | set(ids))
         spec.info = {**spec.info, "exclude": excl}
-    record = {"n": int(len(x)), "epochs": epochs, "repeat": repeat, "lr": lr, "source": source_spec}
+    record = {"n": int(len(x)), "epochs": epochs, "repeat": repeat, "lr": lr, "source": source_spec, "command": command}
     if trigger is not None:
         record.update({"trigger": getattr(trigger, "name", str(trigger)), "trigger_share": trigger_share})
     if x_calibration is not None and target_fpr is not None and len(x_calibration):
