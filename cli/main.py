@@ -408,6 +408,7 @@ def train_victim_cmd(dataset, test_dataset, out, epochs, batch_size, lr, width, 
     """Train a victim classifier, optionally poisoned; prints clean ACC and ASR every epoch."""
     _quiet_tf()
     from tfbackdoor import data, victim
+    from tfbackdoor.atomic import sidecar_path
 
     x, y = data.load_arrays(dataset, image_size=image_size, limit=limit, seed=seed)
     test = None
@@ -422,7 +423,7 @@ def train_victim_cmd(dataset, test_dataset, out, epochs, batch_size, lr, width, 
                                      flip=not no_flip, num_classes=num_classes, echo=click.echo, info=info)
     last = history[-1] if history else {}
     summary = "  ".join(f"{k} {last[k]:.2f}%" for k in ("acc", "asr") if k in last)
-    click.echo(f"wrote {out} and {victim.sidecar(out)}" + (f"  (final: {summary})" if summary else ""))
+    click.echo(f"wrote {out} and {sidecar_path(out)}" + (f"  (final: {summary})" if summary else ""))
 
 
 @main.command("poison")
@@ -439,6 +440,7 @@ def poison_cmd(dataset, trigger, rate, target, out, limit, image_size, seed):
     """Write a poisoned copy of a training set (dirty-label, as train-victim --poison does it)."""
     _quiet_tf()
     from tfbackdoor import data, victim
+    from tfbackdoor.atomic import sidecar_path
 
     x, y = data.load_arrays(dataset, image_size=image_size, limit=limit, seed=seed)
     n_cls = int(y.max()) + 1 if len(y) else 0
@@ -448,7 +450,7 @@ def poison_cmd(dataset, trigger, rate, target, out, limit, image_size, seed):
     victim.save_poisoned_npz(out, x2, y2, idx, {"dataset": dataset, "trigger": trig.name, "rate": rate, "target": target,
                                                 "seed": seed, "command": "tfbd " + " ".join(sys.argv[1:])})
     click.echo(f"wrote {out} ({len(x2)} images, {len(idx)} poisoned with {trig.name} -> label {target}; "
-               f"indices in its 'poisoned' array and {victim.sidecar(out)})")
+               f"indices in its 'poisoned' array and {sidecar_path(out)})")
 
 
 @main.command("attack-eval")
@@ -517,6 +519,7 @@ def smooth_cmd(model_path, dataset, samples, fooling_rate, out, lam, step, max_p
     """Search a smooth (low-frequency) trigger on a victim: paper Algorithm 1."""
     _quiet_tf()
     from tfbackdoor import analysis, data, smooth, triggers, victim
+    from tfbackdoor.atomic import sidecar_path
 
     model = victim.load(model_path)
     x, y = data.load_arrays(dataset, image_size=image_size, limit=samples, seed=seed)
@@ -542,7 +545,7 @@ def smooth_cmd(model_path, dataset, samples, fooling_rate, out, lam, step, max_p
             "trigger_hf_ratio": round(smooth.trigger_hf_ratio(res.trigger), 6),
             "range": [float(res.trigger.min()), float(res.trigger.max())], "model": str(model_path),
             "history": res.history, "command": "tfbd " + " ".join(sys.argv[1:])}
-    meta_path, png_path = victim.sidecar(out), Path(out).with_suffix(".png")
+    meta_path, png_path = sidecar_path(out), Path(out).with_suffix(".png")
     analysis.write_json(meta, meta_path)
     smooth.save_preview(res.trigger, x[:1], png_path, stats,
                         title=f"smooth trigger -> label {res.target}, fooling rate {100 * res.fooling_rate:.1f}%")

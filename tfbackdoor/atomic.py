@@ -12,6 +12,14 @@ import tempfile
 from pathlib import Path
 
 
+def sidecar_path(out) -> Path:
+    """The JSON written beside an output file: same folder and stem (``screener.tflite`` ->
+    ``screener.json``, ``victim.keras`` -> ``victim.json``); a path without suffix gets ``.json`` appended
+    (edge/screen.py also accepts ``screener.tflite.json``)."""
+    out = Path(out)
+    return out.with_suffix(".json") if out.suffix else out.with_name(out.name + ".json")
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix=None):
     """Yield a temporary path in ``path``'s folder; on success give it the usual file mode

@@ -70,7 +70,7 @@ from keras import ops
 from . import data as data_mod
 from . import detector as detector_mod
 from . import perturb, triggers
-from .atomic import atomic_path
+from .atomic import atomic_path, sidecar_path
 from .errors import TfbdError
 from .frequency import DCT2D, dct_matrix
 
@@ -861,12 +861,6 @@ def _float_islands(tflite_bytes) -> list:
 def _write_atomic(path: Path, payload: bytes):
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(payload)
-
-
-def sidecar_path(out) -> Path:
-    """``screener.tflite`` -> ``screener.json`` (edge/screen.py also reads ``screener.tflite.json``)."""
-    out = Path(out)
-    return out.with_suffix(".json") if out.suffix else out.with_name(out.name + ".json")
 
 
 def export(detector_path, out, quantize="int8", calibration=DEFAULT_CALIBRATION, calibration_size=300,

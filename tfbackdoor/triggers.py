@@ -245,6 +245,11 @@ class SmoothTrigger(Trigger):
         return {"pattern": self.pattern.tolist(), "alpha": self.alpha, "name": self.name}
 
 
+def _batch_key(x, salt):
+    """A stateless-RNG seed from a batch's pixel sum and ``salt``: the same batch gives the same draws."""
+    return tf.stack([tf.cast(tf.reduce_sum(x * 255.0), tf.int64), tf.constant(salt, tf.int64)])
+
+
 class RandomSmoothTrigger(Trigger):
     """A fresh random smooth trigger per image: ``minmax(x + a * S_i)`` (for detector training).
 
@@ -268,15 +273,12 @@ class RandomSmoothTrigger(Trigger):
         from .smooth import low_pass  # smooth imports victim, which needs nothing of ours at import
 
         n = tf.shape(x)[0]
-        key = tf.stack([tf.cast(tf.reduce_sum(x * 255.0), tf.int64), tf.constant(self.seed, tf.int64)])
+        key = _batch_key(x, self.seed)
         noise = tf.random.stateless_normal(tf.shape(x), key)
         use_photo = tf.random.stateless_uniform([n, 1, 1, 1], key + 1) < self.photo_prob
         src = tf.where(use_photo, tf.roll(x, 1, axis=0), noise)
         src = src - tf.reduce_mean(src, axis=[1, 2], keepdims=True)
-        pat = low_pass(src)
-        lo = tf.reduce_min(pat, axis=[1, 2, 3], keepdims=True)
-        hi = tf.reduce_max(pat, axis=[1, 2, 3], keepdims=True)
-        pat = (pat - lo) / tf.maximum(hi - lo, 1e-12) * self.bound
+        pat = minmax_scale(low_pass(src), eps=1e-12) * self.bound
         a = tf.random.stateless_uniform([n, 1, 1, 1], key + 2, self.amplitude[0], self.amplitude[1])
         return minmax_scale(x + a * pat)
 
@@ -298,7 +300,7 @@ class OneOf(Trigger):
         self.name = name or ",".join(t.name for t in self.triggers)
 
     def apply(self, x):
-        key = tf.stack([tf.cast(tf.reduce_sum(x * 255.0), tf.int64), tf.constant(self.seed + 11, tf.int64)])
+        key = _batch_key(x, self.seed + 11)
         pick = tf.random.stateless_uniform([tf.shape(x)[0]], key, 0, len(self.triggers), dtype=tf.int32)
         out = x
         for k, t in enumerate(self.triggers):

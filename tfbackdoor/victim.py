@@ -26,6 +26,7 @@ import tensorflow as tf
 from keras import layers
 
 from . import metrics
+from .atomic import atomic_path, sidecar_path
 from .errors import TfbdError
 
 TRIGGER_FILE_SUFFIXES = (".png", ".npy", ".jpg", ".jpeg", ".bmp")
@@ -116,8 +117,6 @@ def load(path) -> keras.Model:
 
 def save(model, path):
     """Save a model atomically (temporary ``.keras`` beside ``path``, then rename)."""
-    from .atomic import atomic_path
-
     with atomic_path(path, ".keras") as tmp:
         model.save(tmp)
 
@@ -178,22 +177,16 @@ def poison(x, y, trigger, rate=0.1, target=0, seed=0):
 
 _poison = poison  # train_victim has an argument named "poison"
 
-def sidecar(path) -> Path:
-    """The JSON written beside an output file: same folder and stem, ``.json`` (as ``tfbd export`` does)."""
-    return Path(path).with_suffix(".json")
-
 
 def save_poisoned_npz(path, x, y, idx, info=None):
     """Write a poisoned set as ``.npz`` (atomically): ``x``, ``y`` (usable as ``npz:PATH``) and
     ``poisoned`` (the sorted indices of the triggered samples), with a sidecar JSON of the same stem beside it."""
     from .analysis import write_json
-    from .atomic import atomic_path
 
     with atomic_path(path, ".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, x=np.asarray(x, np.uint8), y=np.asarray(y, np.int64), poisoned=np.asarray(idx, np.int64))
-    write_json({**(info or {}), "n": int(len(x)), "n_poisoned": int(len(idx))}, sidecar(path))
-
+    write_json({**(info or {}), "n": int(len(x)), "n_poisoned": int(len(idx))}, sidecar_path(path))
 
 
 def attack_eval(model, x, y, trigger, target, batch_size=256, name=None, screen=None) -> dict:
@@ -273,7 +266,7 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
 
     Args:
       x, y: uint8 ``(N, S, S, 3)`` images and int labels.
-      out: the ``.keras`` file; its sidecar JSON (same stem, :func:`sidecar`) receives the history and the poisoning info, and
+      out: the ``.keras`` file; its sidecar JSON (same stem, :func:`tfbackdoor.atomic.sidecar_path`) receives the history and the poisoning info, and
         ``OUT.ckpt/`` holds checkpoints while training (rerun the same command to resume).
       epochs, batch_size, lr: AdamW with a cosine learning-rate decay over all epochs.
       poison: a trigger (object or CLI string for :func:`resolve_trigger`) or ``None`` (clean).
@@ -356,10 +349,10 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
     })
     if history and "acc" in history[-1]:
         meta["final"] = {k: history[-1][k] for k in ("acc", "asr") if k in history[-1]}
-    write_json(meta, sidecar(out))
+    write_json(meta, sidecar_path(out))
     shutil.rmtree(ckpt, ignore_errors=True)
     return model, history
 
 
-__all__ = ["build_victim", "load", "save", "predict", "poison", "save_poisoned_npz", "sidecar", "apply_trigger", "resolve_trigger", "train_victim",
+__all__ = ["build_victim", "load", "save", "predict", "poison", "save_poisoned_npz", "apply_trigger", "resolve_trigger", "train_victim",
            "attack_eval", "check_model_fits", "check_target", "num_classes"]
