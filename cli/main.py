@@ -121,6 +121,16 @@ def spectrum(dataset, attacks, trigger_file, mask, alpha, trigger_dir, limit, im
 
 # --------------------------------------------------------------------------------- detector
 
+def _benign(text, seed):
+    """``--benign KEY=VAL,...`` -> BenignProcessing, as a one-line error on a bad setting."""
+    from tfbackdoor import perturb
+    from tfbackdoor.errors import TfbdError
+    try:
+        return perturb.parse_benign(text, seed)
+    except ValueError as e:
+        raise TfbdError(f"--benign: {e}") from None
+
+
 @main.command("train-detector")
 @click.option("--dataset", default="cifar10:train", show_default=True,
               help="Clean training images; A+B concatenates specs (e.g. cifar10:train+gtsrb:train).")
@@ -133,6 +143,10 @@ def spectrum(dataset, attacks, trigger_file, mask, alpha, trigger_dir, limit, im
 @click.option("--limit", type=int, default=None, help="Use a seeded subset of N images (per spec for A+B).")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--no-benign", is_flag=True, help="Skip the benign codec/colour processing of training images.")
+@click.option("--benign", "benign_spec", default="", metavar="KEY=VAL,...",
+              help="Override the random benign processing applied before the clean/poisoned split, e.g. "
+                   "p_color=0.6,brightness=40,contrast=0.6:1.4 (keys: p_jpeg jpeg_quality p_color brightness contrast "
+                   "p_blur blur_sigma p_resize resize).")
 @click.option("--strategy", type=click.Choice(["default", "mirrored", "multiworker"]), default="default", show_default=True)
 @click.option("--log-dir", type=click.Path(), default=None, help="TensorBoard log directory.")
 @click.option("--target-fpr", type=float, default=0.5, show_default=True,
@@ -141,19 +155,21 @@ def spectrum(dataset, attacks, trigger_file, mask, alpha, trigger_dir, limit, im
               help="Continue from this detector's weights (same arch, domain and size) instead of a fresh model.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @handle_errors
-def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, limit, lr, no_benign, strategy, log_dir,
-                   target_fpr, init, seed):
+def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, limit, lr, no_benign, benign_spec,
+                   strategy, log_dir, target_fpr, init, seed):
     """Train a detector on clean images vs random manipulations (never a real trigger)."""
     _quiet_tf()
     from tfbackdoor import data, detector
 
+    benign = False if no_benign else (_benign(benign_spec, seed) if benign_spec else True)
     x, _ = data.load_arrays(dataset, image_size=image_size, limit=limit, seed=seed)
-    info = {"dataset": dataset, "limit": limit, "epochs": epochs, "seed": seed, "benign": not no_benign,
+    info = {"dataset": dataset, "limit": limit, "epochs": epochs, "seed": seed,
+            "benign": benign.get_config() if not isinstance(benign, bool) else benign,
             "command": "tfbd " + " ".join(sys.argv[1:])}
     click.echo(f"training {arch}/{domain} on {len(x)} clean images of {dataset} ({x.shape[1]}px), "
                f"{epochs} epochs; checkpoints in {out}.ckpt/ (rerun to resume)")
     detector.train(x, out, epochs=epochs, batch_size=batch_size, arch=arch, domain=domain, strategy=strategy,
-                   log_dir=log_dir, seed=seed, lr=lr, benign=not no_benign, info=info, target_fpr=target_fpr,
+                   log_dir=log_dir, seed=seed, lr=lr, benign=benign, info=info, target_fpr=target_fpr,
                    init=init)
     click.echo(f"wrote {out} (threshold {detector.spec_of(keras_load(out)).threshold:.4f})")
 
@@ -177,11 +193,15 @@ def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, l
                    "(with --target-fpr).")
 @click.option("--target-fpr", type=float, default=0.5, show_default=True,
               help="With --calibration: flag this %% of the held-out clean (and benign-processed) images.")
+@click.option("--benign", "benign_spec", default="", metavar="KEY=VAL,...",
+              help="Override the random benign processing applied before the clean/poisoned split, e.g. "
+                   "p_color=0.6,brightness=40,contrast=0.6:1.4 (keys: p_jpeg jpeg_quality p_color brightness contrast "
+                   "p_blur blur_sigma p_resize resize).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), required=True)
 @handle_errors
 def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigger_share, calibration, target_fpr,
-             seed, out):
+             benign_spec, seed, out):
     """Fine-tune a detector on clean samples of a new dataset (they are excluded from evaluation),
     or on clean vs trigger-patched samples (--trigger)."""
     _quiet_tf()
@@ -194,6 +214,7 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigg
     if samples < 1 or calibration < 0 or repeat < 1 or epochs < 1:
         raise TfbdError(f"--samples, --epochs, --repeat must be positive and --calibration >= 0 "
                         f"(got {samples}, {epochs}, {repeat}, {calibration})")
+    benign = _benign(benign_spec, seed) if benign_spec else None
     model = detector.load(detector_path)
     spec = detector.spec_of(model)
     trig = None
@@ -206,7 +227,7 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigg
         x_all, _, ids_all = data.materialize(ds, part)
         xs.append(x_all[:samples])
         cals.append(x_all[samples:])
-        exclude[part] = list(ids_all[:samples])
+        exclude[part] = list(ids_all[:samples + calibration])   # trained on, or set the threshold
     x, ids = np.concatenate(xs), [i for v in exclude.values() for i in v]
     x_cal = np.concatenate(cals) if calibration else None
     poisoned = f"{trig.name} on {trigger_share:.0%} of them, random manipulations on the rest" if trig else "random manipulations"
@@ -215,7 +236,8 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigg
     detector.finetune(model, x, out, samples, epochs=epochs, repeat=repeat, lr=lr, seed=seed, exclude=exclude,
                       source_spec=dataset,
                       trigger=trig, trigger_share=trigger_share, x_calibration=x_cal,
-                      target_fpr=target_fpr if calibration else None, command="tfbd " + " ".join(sys.argv[1:]))
+                      target_fpr=target_fpr if calibration else None, command="tfbd " + " ".join(sys.argv[1:]),
+                      benign=benign)
     click.echo(f"wrote {out} (threshold {detector.spec_of(keras_load(out)).threshold:.4f}; {len(ids)} samples "
                f"recorded as excluded from evaluation on {dataset})")
 

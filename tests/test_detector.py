@@ -73,6 +73,28 @@ def test_benign_processing_keeps_shape_and_jpeg_round_trip():
         assert fn(x[None]).shape == (1, 32, 32, 3), name
 
 
+def test_benign_settings_parse_and_bad_ones_are_named():
+    b = perturb.parse_benign("p_color=0.7, brightness=40,contrast=0.6:1.4", seed=3)
+    assert (b.p_color, b.brightness, b.contrast, b.seed) == (0.7, 40.0, (0.6, 1.4), 3)
+    assert b.p_jpeg == perturb.BenignProcessing().p_jpeg                  # the rest keep their defaults
+    assert perturb.parse_benign("").get_config() == perturb.BenignProcessing().get_config()
+    for bad, word in [("foo=1", "foo=1"), ("contrast=1", "lo:hi"), ("p_color=high", "a number"), ("p_color", "KEY=VALUE")]:
+        with pytest.raises(ValueError, match=word):
+            perturb.parse_benign(bad)
+
+
+def test_stronger_colour_processing_clips_more_training_images():
+    """--benign p_color=1,brightness=60 reaches the pipeline: many more saturated pixels than none."""
+    x = np.full((64, 32, 32, 3), 230, np.uint8)   # saturates when the brightness delta is >= 25
+    strong = perturb.parse_benign("p_color=1,brightness=60,p_jpeg=0")
+    none = perturb.parse_benign("p_color=0,p_jpeg=0,p_blur=0,p_resize=0")
+    def saturated(benign):
+        ds = detector.training_dataset(x, batch_size=64, seed=1, domain="image", benign=benign)
+        inputs = next(iter(ds))[0].numpy()[:64]                             # the clean half
+        return (inputs == 255).mean()
+    assert saturated(none) == 0 and saturated(strong) > 0.15   # expected 35/120
+
+
 def test_training_pipeline_is_balanced_and_in_dct():
     x = np.random.default_rng(2).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     batches = list(detector.training_dataset(x, batch_size=16, seed=1))
@@ -219,7 +241,7 @@ def test_finetune_with_a_trigger_records_it_and_recalibrates(tiny, tmp_path):
     assert rec["trigger"] == "smooth" and rec["trigger_share"] == 1 and rec["n"] == 128
     assert rec["calibration"]["n"] == 100 and detector.spec_of(m).threshold == rec["calibration"]["threshold"]
     assert detector.spec_of(m).threshold != detector.spec_of(detector.load(tiny)).threshold
-    assert len(info["exclude"]["cifar10:train"]) == 128
+    assert len(info["exclude"]["cifar10:train"]) == 228   # trained on, or set the threshold
     r = CliRunner().invoke(main, ["finetune", "--detector", str(tiny), "--dataset", "cifar10:lossless", "--samples",
                                   "10", "--trigger", "smooth", "--trigger-share", "1.5", "--out", str(tmp_path / "x.keras")])
     assert r.exit_code == 2 and "--trigger-share" in r.output and not (tmp_path / "x.keras").exists()

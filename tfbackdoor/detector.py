@@ -201,7 +201,9 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
     (resume: rerun the same command; Keras ``BackupAndRestore`` restores the last finished
     epoch). ``log_dir`` adds a TensorBoard log. ``init`` continues from the weights (and input
     normalization) of an existing detector ``.keras`` instead of a fresh model; its architecture,
-    domain and input size must match. Returns the model.
+    domain and input size must match. ``benign``: ``True`` (the default random benign processing
+    before the clean/poisoned split), ``False`` (none) or a :class:`~tfbackdoor.perturb.BenignProcessing`.
+    Returns the model.
     """
     keras.utils.set_random_seed(seed)
     image_size = image_size or x.shape[1]
@@ -224,7 +226,11 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
             model = build(arch, image_size, domain, info=info)
             adapt_normalization(model, x_train, domain, seed=seed)
         _compile(model, keras.optimizers.schedules.CosineDecay(lr, max(steps, 1), alpha=0.05))
-    train_ds = training_dataset(x_train, batch_size, seed, domain, None if benign else False, extra_poison=extra_poison)
+    if benign is True or benign is None:
+        benign = None
+    elif benign is not False and not isinstance(benign, perturb.BenignProcessing):
+        raise TfbdError(f"benign must be True, False or a BenignProcessing (got {benign!r})")
+    train_ds = training_dataset(x_train, batch_size, seed, domain, benign, extra_poison=extra_poison)
     callbacks = [keras.callbacks.BackupAndRestore(str(ckpt_dir / "backup"))]
     if log_dir:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir)))
@@ -242,7 +248,7 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
 
 def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr=1e-4, seed=0,
              source_spec=None, sample_ids=None, verbose="auto", trigger=None, trigger_share=0.5,
-             x_calibration=None, target_fpr=None, exclude=None, command=None):
+             x_calibration=None, target_fpr=None, exclude=None, command=None, benign=None):
     """Fine-tune ``model`` on clean images ``x`` and save it to ``out`` (atomically).
 
     Two uses:
@@ -258,14 +264,15 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
     spec -> ids) are stored in the model's :class:`DetectorSpec` (``info["exclude"]``) so
     :func:`evaluate_dataset` leaves them out. With ``x_calibration``
     (held-out clean images, not in ``x``) and ``target_fpr``, the threshold is set again
-    (:func:`calibrate_threshold`); otherwise it is kept.
+    (:func:`calibrate_threshold`); otherwise it is kept. ``benign``: a
+    :class:`~tfbackdoor.perturb.BenignProcessing` (``None``: the default one).
     """
     spec = spec_of(model)
     if trigger is not None and not 0 < trigger_share <= 1:
         raise TfbdError(f"--trigger-share must be in (0, 1] (got {trigger_share})")
     keras.utils.set_random_seed(seed)
     _compile(model, lr)
-    ds = training_dataset(x, batch_size, seed, spec.domain, None, repeat=repeat, extra_poison=trigger,
+    ds = training_dataset(x, batch_size, seed, spec.domain, benign, repeat=repeat, extra_poison=trigger,
                           extra_share=trigger_share)
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2   # no progress-bar redraws in logs

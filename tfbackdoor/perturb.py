@@ -281,6 +281,31 @@ class BenignProcessing:
         return cls(**config)
 
 
+def parse_benign(text, seed=0):
+    """``BenignProcessing`` from ``"key=value,..."`` overrides of its defaults (the CLI's ``--benign``).
+
+    Ranges take ``lo:hi`` (``contrast=0.6:1.4``). Empty text gives the defaults. An unknown key or a
+    bad value raises ``ValueError`` naming it.
+    """
+    kwargs = {}
+    defaults = BenignProcessing().get_config()
+    for item in [t.strip() for t in (text or "").split(",") if t.strip()]:
+        key, sep, val = item.partition("=")
+        key = key.strip()
+        if not sep or key not in defaults or key == "seed":
+            known = ", ".join(k for k in defaults if k != "seed")
+            raise ValueError(f"bad benign setting '{item}' (KEY=VALUE with KEY one of: {known})")
+        try:
+            if isinstance(defaults[key], list):
+                lo, hi = val.split(":")
+                kwargs[key] = (type(defaults[key][0])(lo), type(defaults[key][0])(hi))
+            else:
+                kwargs[key] = float(val)
+        except ValueError:
+            raise ValueError(f"bad benign setting '{item}' (expected {'lo:hi' if isinstance(defaults[key], list) else 'a number'})") from None
+    return BenignProcessing(seed=seed, **kwargs)
+
+
 # Fixed benign variants for evaluation (FPR on processed clean images): name -> per-image fn.
 def _fixed(fn):
     # A graph (tf.function) map: eager tf.map_fn would run the ops image by image in Python.
