@@ -177,8 +177,9 @@ def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, l
 @main.command()
 @click.option("--detector", "detector_path", type=click.Path(), default=None, help="Detector .keras (default: shipped).")
 @click.option("--dataset", required=True, help="Clean images of the new distribution.")
-@click.option("--samples", type=int, default=100, show_default=True,
-              help="Clean images fine-tuned on (seeded subset; for A+B, of each part).")
+@click.option("--samples", default="100", show_default=True,
+              help="Clean images fine-tuned on (seeded subset; for A+B, of each part, or one count per part: "
+                   "8000,100). Parts of unequal size are balanced: a smaller part is repeated to the largest's size.")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--repeat", type=int, default=10, show_default=True,
               help="Passes over the samples per epoch (1 for large sets).")
@@ -211,7 +212,16 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigg
     from tfbackdoor import data, detector, triggers, victim
     from tfbackdoor.errors import TfbdError
 
-    if samples < 1 or calibration < 0 or repeat < 1 or epochs < 1:
+    parts = [p.strip() for p in dataset.split("+") if p.strip()]
+    try:
+        counts = [int(c) for c in str(samples).split(",")]
+    except ValueError:
+        raise TfbdError(f"--samples must be a count or one count per dataset part (got '{samples}')") from None
+    if len(counts) == 1:
+        counts = counts * len(parts)
+    if len(counts) != len(parts):
+        raise TfbdError(f"--samples has {len(counts)} counts for {len(parts)} dataset parts ({dataset})")
+    if min(counts) < 1 or calibration < 0 or repeat < 1 or epochs < 1:
         raise TfbdError(f"--samples, --epochs, --repeat must be positive and --calibration >= 0 "
                         f"(got {samples}, {epochs}, {repeat}, {calibration})")
     benign = _benign(benign_spec, seed) if benign_spec else None
@@ -219,21 +229,24 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigg
     spec = detector.spec_of(model)
     trig = None
     if trigger:   # one trigger, or a comma-separated list of which each patched image gets one
-        parts = [victim.resolve_trigger(t, spec.image_size) for t in trigger.split(",") if t.strip()]
-        trig = parts[0] if len(parts) == 1 else triggers.OneOf(parts, seed=seed)
+        trigs = [victim.resolve_trigger(t, spec.image_size) for t in trigger.split(",") if t.strip()]
+        trig = trigs[0] if len(trigs) == 1 else triggers.OneOf(trigs, seed=seed)
     xs, cals, exclude = [], [], {}
-    for part in [p.strip() for p in dataset.split("+") if p.strip()]:   # A+B: --samples of each part
-        ds = data.load(part, image_size=spec.image_size, with_ids=True, limit=samples + calibration, seed=seed)
+    for part, n in zip(parts, counts):   # A+B: n samples of each part
+        ds = data.load(part, image_size=spec.image_size, with_ids=True, limit=n + calibration, seed=seed)
         x_all, _, ids_all = data.materialize(ds, part)
-        xs.append(x_all[:samples])
-        cals.append(x_all[samples:])
-        exclude[part] = list(ids_all[:samples + calibration])   # trained on, or set the threshold
+        xs.append(x_all[:n])
+        cals.append(x_all[n:])
+        exclude[part] = list(ids_all[:n + calibration])   # trained on, or set the threshold
+    largest = max(len(v) for v in xs)
+    # Balance the parts: a part of 100 beside one of 8,000 is repeated 80 times per epoch.
+    xs = [np.concatenate([v] * max(1, round(largest / len(v)))) for v in xs]
     x, ids = np.concatenate(xs), [i for v in exclude.values() for i in v]
     x_cal = np.concatenate(cals) if calibration else None
     poisoned = f"{trig.name} on {trigger_share:.0%} of them, random manipulations on the rest" if trig else "random manipulations"
     click.echo(f"fine-tuning on {len(x)} clean samples of {dataset} x {repeat} + as many poisoned ({poisoned}), "
                f"{epochs} epochs" + (f"; threshold from {len(x_cal)} held-out images" if calibration else ""))
-    detector.finetune(model, x, out, samples, epochs=epochs, repeat=repeat, lr=lr, seed=seed, exclude=exclude,
+    detector.finetune(model, x, out, len(x), epochs=epochs, repeat=repeat, lr=lr, seed=seed, exclude=exclude,
                       source_spec=dataset,
                       trigger=trig, trigger_share=trigger_share, x_calibration=x_cal,
                       target_fpr=target_fpr if calibration else None, command="tfbd " + " ".join(sys.argv[1:]),

@@ -209,6 +209,19 @@ def test_finetune_excludes_its_samples_from_evaluation(tiny, tmp_path):
     assert len(x) == 500 - len(set(excluded) & {f"gtsrb:test#{i}" for i in np.random.default_rng(0).permutation(12630)[:500]})
 
 
+def test_finetune_takes_a_count_per_part_and_balances_them(tiny, tmp_path):
+    out = tmp_path / "mix.keras"
+    r = CliRunner().invoke(main, ["finetune", "--detector", str(tiny), "--dataset", "gtsrb:test+cifar10:lossless",
+                                  "--samples", "40,10", "--repeat", "1", "--epochs", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    info = detector.spec_of(detector.load(out)).info
+    assert len(info["exclude"]["gtsrb:test"]) == 40 and len(info["exclude"]["cifar10:lossless"]) == 10
+    assert info["finetune"][-1]["n"] == 80          # the 10 lossless images repeated 4 times beside the 40
+    r = CliRunner().invoke(main, ["finetune", "--detector", str(tiny), "--dataset", "gtsrb:test+cifar10:lossless",
+                                  "--samples", "40,10,5", "--out", str(tmp_path / "bad.keras")])
+    assert r.exit_code == 2 and "3 counts for 2 dataset parts" in r.output and not (tmp_path / "bad.keras").exists()
+
+
 def test_trigger_reaches_the_poisoned_side_at_the_requested_share(rng):
     """The defense-upgrade pipeline: with extra_poison, that share of the poisoned half is exactly the
     triggered clean image (the rest keep a random manipulation)."""
