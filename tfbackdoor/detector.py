@@ -315,15 +315,20 @@ def _exclusions(model, spec_str):
 
 
 def load_eval_images(model, dataset, limit=None, seed=0):
-    """Images of ``dataset`` at the detector's size, minus any it was fine-tuned on (numpy)."""
+    """``limit`` seeded images of ``dataset`` at the detector's size that it was not fine-tuned or
+    calibrated on (numpy; fewer only when the dataset has fewer left)."""
     spec = spec_of(model)
-    ds = data_mod.load(dataset, image_size=spec.image_size, with_ids=True, limit=limit, seed=seed)
-    x, _, ids = data_mod.materialize(ds, dataset)
     excluded = _exclusions(model, dataset)
+    # The seeded subset is prefix-stable, so asking for len(excluded) more and dropping the
+    # excluded ones keeps the same images a model without exclusions is evaluated on, plus more.
+    more = None if limit is None else limit + len(excluded)
+    ds = data_mod.load(dataset, image_size=spec.image_size, with_ids=True, limit=more, seed=seed,
+                       shuffle=True if limit is not None else None)
+    x, _, ids = data_mod.materialize(ds, dataset)
     if excluded:
         keep = np.asarray([i not in excluded for i in ids])
         x = x[keep]
-    return x
+    return x if limit is None else x[:limit]
 
 
 def evaluate_images(model, x, attacks, threshold=None, benign_variants=()) -> list:
