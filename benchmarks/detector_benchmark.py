@@ -57,7 +57,9 @@ def main():
     for ds in args.datasets.split(","):
         for name, model in models:
             size = detector.spec_of(model).image_size
-            x = detector.load_eval_images(model, ds, args.limit, 0)
+            # Every model on the same images: none that any of them was fine-tuned or calibrated on.
+            others = [m for _, m in models if m is not model and detector.spec_of(m).image_size == size]
+            x = detector.load_eval_images(model, ds, args.limit, 0, also=others)
             rows = detector.evaluate_images(model, x, triggers.expand(args.attacks, size), None, benign)
             res = {"dataset": ds, "model": os.path.basename(name), "threshold": detector.spec_of(model).threshold,
                    **summarize(rows), "rows": rows}

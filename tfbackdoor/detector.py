@@ -314,11 +314,12 @@ def _exclusions(model, spec_str):
     return set(excl.get(spec_str, []))
 
 
-def load_eval_images(model, dataset, limit=None, seed=0):
+def load_eval_images(model, dataset, limit=None, seed=0, also=()):
     """``limit`` seeded images of ``dataset`` at the detector's size that it was not fine-tuned or
-    calibrated on (numpy; fewer only when the dataset has fewer left)."""
+    calibrated on (numpy; fewer only when the dataset has fewer left). ``also``: more detectors
+    whose fine-tune samples are left out too, so several models are compared on the same images."""
     spec = spec_of(model)
-    excluded = _exclusions(model, dataset)
+    excluded = set(_exclusions(model, dataset)).union(*[_exclusions(m, dataset) for m in also])
     # The seeded subset is prefix-stable, so asking for len(excluded) more and dropping the
     # excluded ones keeps the same images a model without exclusions is evaluated on, plus more.
     more = None if limit is None else limit + len(excluded)
