@@ -329,3 +329,23 @@ def test_init_continues_from_a_detector_and_checks_it_fits(tiny, tmp_path, data_
     assert info["init"]["path"] == str(tiny) and info["init"]["info"]["dataset"] == "cifar10:lossless"
     with pytest.raises(TfbdError, match="cannot continue as cnn6/image"):
         detector.train(x, tmp_path / "bad.keras", epochs=1, domain="image", init=str(tiny), verbose=0)
+
+
+def test_diagnostics_sweep_is_monotonic_and_finds_clipping(tiny, data_dir):
+    """benchmarks/detector_diagnostics.py: a higher threshold never flags more, and the BadNets
+    patch statistics are computed where BadNets puts its square."""
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "benchmarks"))
+    import detector_diagnostics
+
+    m = detector.load(tiny)
+    x = detector.load_eval_images(m, "cifar10:lossless", limit=64, seed=3)
+    x[0, 26:30, 26:30, :] = 255                                 # one image whose corner BadNets cannot change
+    res = detector_diagnostics.diagnose(m, x, [0.9, 0.5, 0.1])
+    assert res["n"] == 64 and res["sweep"][0]["shipped"]
+    fixed = res["sweep"][1:]
+    assert [r["threshold"] for r in fixed] == [0.9, 0.5, 0.1]
+    for hi, lo in zip(fixed, fixed[1:]):
+        assert hi["fpr"] <= lo["fpr"] and hi["worst_benign_fpr"] <= lo["worst_benign_fpr"]
+        assert all(hi["bdr"][k] <= lo["bdr"][k] for k in hi["bdr"])
+    assert res["badnets"]["near_white_share"] >= 1.5            # at least that one image in 64
+    assert set(res["clipping"]) == {"brighter", "darker", "contrast"}
