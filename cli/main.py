@@ -151,12 +151,15 @@ def _benign(text, seed):
 @click.option("--log-dir", type=click.Path(), default=None, help="TensorBoard log directory.")
 @click.option("--target-fpr", type=float, default=0.5, show_default=True,
               help="Set the threshold to flag this %% of held-out clean (and benign-processed) images.")
+@click.option("--calibration-rule", type=click.Choice(["pooled", "worst"]), default="pooled", show_default=True,
+              help="pooled: --target-fpr of all held-out clean images and their benign variants together; worst: of "
+                   "each set (every dataset part, as is and after each benign variant) separately.")
 @click.option("--init", type=click.Path(), default=None,
               help="Continue from this detector's weights (same arch, domain and size) instead of a fresh model.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @handle_errors
 def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, limit, lr, no_benign, benign_spec,
-                   strategy, log_dir, target_fpr, init, seed):
+                   strategy, log_dir, target_fpr, calibration_rule, init, seed):
     """Train a detector on clean images vs random manipulations (never a real trigger)."""
     _quiet_tf()
     from tfbackdoor import data, detector
@@ -170,6 +173,7 @@ def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, l
                f"{epochs} epochs; checkpoints in {out}.ckpt/ (rerun to resume)")
     detector.train(x, out, epochs=epochs, batch_size=batch_size, arch=arch, domain=domain, strategy=strategy,
                    log_dir=log_dir, seed=seed, lr=lr, benign=benign, info=info, target_fpr=target_fpr,
+                   calibration_rule=calibration_rule,
                    init=init)
     click.echo(f"wrote {out} (threshold {detector.spec_of(keras_load(out)).threshold:.4f})")
 
@@ -198,11 +202,14 @@ def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, l
               help="Override the random benign processing applied before the clean/poisoned split, e.g. "
                    "p_color=0.6,brightness=40,contrast=0.6:1.4 (keys: p_jpeg jpeg_quality p_color brightness contrast "
                    "p_blur blur_sigma p_resize resize).")
+@click.option("--calibration-rule", type=click.Choice(["pooled", "worst"]), default="pooled", show_default=True,
+              help="pooled: --target-fpr of all held-out clean images and their benign variants together; worst: of "
+                   "each set (every dataset part, as is and after each benign variant) separately.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), required=True)
 @handle_errors
 def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigger_share, calibration, target_fpr,
-             benign_spec, seed, out):
+             benign_spec, calibration_rule, seed, out):
     """Fine-tune a detector on clean samples of a new dataset (they are excluded from evaluation),
     or on clean vs trigger-patched samples (--trigger)."""
     _quiet_tf()
@@ -242,15 +249,15 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigg
     # Balance the parts: a part of 100 beside one of 8,000 is repeated 80 times per epoch.
     xs = [np.concatenate([v] * max(1, round(largest / len(v)))) for v in xs]
     x, ids = np.concatenate(xs), [i for v in exclude.values() for i in v]
-    x_cal = np.concatenate(cals) if calibration else None
+    x_cal = cals if calibration else None   # one array per part (the "worst" rule treats each separately)
     poisoned = f"{trig.name} on {trigger_share:.0%} of them, random manipulations on the rest" if trig else "random manipulations"
     click.echo(f"fine-tuning on {len(x)} clean samples of {dataset} x {repeat} + as many poisoned ({poisoned}), "
-               f"{epochs} epochs" + (f"; threshold from {len(x_cal)} held-out images" if calibration else ""))
+               f"{epochs} epochs" + (f"; threshold from {sum(len(v) for v in x_cal)} held-out images" if calibration else ""))
     detector.finetune(model, x, out, len(x), epochs=epochs, repeat=repeat, lr=lr, seed=seed, exclude=exclude,
                       source_spec=dataset,
                       trigger=trig, trigger_share=trigger_share, x_calibration=x_cal,
                       target_fpr=target_fpr if calibration else None, command="tfbd " + " ".join(sys.argv[1:]),
-                      benign=benign)
+                      benign=benign, calibration_rule=calibration_rule)
     click.echo(f"wrote {out} (threshold {detector.spec_of(keras_load(out)).threshold:.4f}; {len(ids)} samples "
                f"recorded as excluded from evaluation on {dataset})")
 

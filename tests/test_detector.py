@@ -349,3 +349,21 @@ def test_diagnostics_sweep_is_monotonic_and_finds_clipping(tiny, data_dir):
         assert all(hi["bdr"][k] <= lo["bdr"][k] for k in hi["bdr"])
     assert res["badnets"]["near_white_share"] >= 1.5            # at least that one image in 64
     assert set(res["clipping"]) == {"brighter", "darker", "contrast"}
+
+
+def test_worst_calibration_bounds_every_set(tiny, data_dir):
+    """rule="worst": every source, as is and after each benign variant, flags at most target_fpr
+    percent at the returned threshold; the pooled rule only bounds their mix."""
+    from tfbackdoor import data
+    m = detector.load(tiny)
+    a, _ = data.load_arrays("cifar10:test", limit=200, seed=5)
+    b, _ = data.load_arrays("gtsrb:test", limit=200, seed=5)
+    pooled = detector.calibrate_threshold(m, [a, b], 5.0, rule="pooled")
+    worst = detector.calibrate_threshold(m, [a, b], 5.0, rule="worst")
+    assert worst >= pooled
+    for xs in (a, b):
+        for v in [None] + list(perturb.BENIGN_VARIANTS):
+            s = detector.score(m, xs if v is None else perturb.BENIGN_VARIANTS[v](xs).numpy())
+            assert (s > worst).mean() <= 0.05 + 1e-9, v
+    with pytest.raises(TfbdError, match="unknown calibration rule"):
+        detector.calibrate_threshold(m, a, 1.0, rule="median")

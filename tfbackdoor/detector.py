@@ -175,24 +175,35 @@ def _compile(model, lr):
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
 
-def calibrate_threshold(model, x, target_fpr=0.5, variants=None) -> float:
+def calibrate_threshold(model, x, target_fpr=0.5, variants=None, rule="pooled") -> float:
     """The P(poisoned) threshold that flags ``target_fpr`` percent of held-out clean images.
 
     Scores ``x`` as is and after each benign variant (JPEG 50/75/90, brightness, contrast, blur,
-    resize: :data:`tfbackdoor.perturb.BENIGN_VARIANTS`), pools them, and returns the
-    ``1 - target_fpr/100`` quantile (at least 1e-3). The images must not be training images.
+    resize: :data:`tfbackdoor.perturb.BENIGN_VARIANTS`). ``x`` is one uint8 array or a list of
+    them (one per source, e.g. JPEG and lossless images). ``rule="pooled"`` returns the
+    ``1 - target_fpr/100`` quantile of all scores together; ``rule="worst"`` the highest such
+    quantile over every (source, variant) set, so that *each* of them, not only their mix, flags
+    at most ``target_fpr`` percent. At least 1e-3. The images must not be training images.
     """
+    if rule not in ("pooled", "worst"):
+        raise TfbdError(f"unknown calibration rule '{rule}' (known: pooled, worst)")
     names = list(perturb.BENIGN_VARIANTS) if variants is None else list(variants)
-    scores = [score(model, x)]
-    for name in names:
-        scores.append(score(model, perturb.BENIGN_VARIANTS[name](x).numpy()))
-    pooled = np.concatenate(scores)
-    return float(max(np.quantile(pooled, 1.0 - target_fpr / 100.0), 1e-3))
+    sources = [np.asarray(v) for v in x] if isinstance(x, (list, tuple)) else [np.asarray(x)]
+    sets = []
+    for xs in sources:
+        if not len(xs):
+            continue
+        sets.append(score(model, xs))
+        for name in names:
+            sets.append(score(model, perturb.BENIGN_VARIANTS[name](xs).numpy()))
+    q = 1.0 - target_fpr / 100.0
+    thr = np.quantile(np.concatenate(sets), q) if rule == "pooled" else max(np.quantile(s, q) for s in sets)
+    return float(max(thr, 1e-3))
 
 
 def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_size=None, strategy="default",
           log_dir=None, seed=0, lr=1e-3, benign=True, info=None, verbose="auto", model=None,
-          extra_poison=None, calibration=0.04, target_fpr=0.5, init=None):
+          extra_poison=None, calibration=0.04, target_fpr=0.5, init=None, calibration_rule="pooled"):
     """Train a detector on clean uint8 images ``x`` and save it to ``out`` (atomically).
 
     A seeded ``calibration`` share of ``x`` (at most 2,000 images) is held out of training and
@@ -239,8 +250,8 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
     model.fit(train_ds, epochs=epochs, callbacks=callbacks, verbose=verbose)
     if n_cal:
         spec = spec_of(model)
-        spec.threshold = calibrate_threshold(model, x_cal, target_fpr)
-        spec.info = {**spec.info, "calibration": {"n": int(n_cal), "target_fpr": target_fpr,
+        spec.threshold = calibrate_threshold(model, x_cal, target_fpr, rule=calibration_rule)
+        spec.info = {**spec.info, "calibration": {"n": int(n_cal), "target_fpr": target_fpr, "rule": calibration_rule,
                                                    "threshold": spec.threshold}}
     save(model, out)
     return model
@@ -248,7 +259,8 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
 
 def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr=1e-4, seed=0,
              source_spec=None, sample_ids=None, verbose="auto", trigger=None, trigger_share=0.5,
-             x_calibration=None, target_fpr=None, exclude=None, command=None, benign=None):
+             x_calibration=None, target_fpr=None, exclude=None, command=None, benign=None,
+             calibration_rule="pooled"):
     """Fine-tune ``model`` on clean images ``x`` and save it to ``out`` (atomically).
 
     Two uses:
@@ -263,8 +275,9 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
     The ids of the samples used (``sample_ids`` of ``source_spec``, and/or ``exclude``: a dict
     spec -> ids) are stored in the model's :class:`DetectorSpec` (``info["exclude"]``) so
     :func:`evaluate_dataset` leaves them out. With ``x_calibration``
-    (held-out clean images, not in ``x``) and ``target_fpr``, the threshold is set again
-    (:func:`calibrate_threshold`); otherwise it is kept. ``benign``: a
+    (held-out clean images, not in ``x``; an array or a list of arrays, one per source) and
+    ``target_fpr``, the threshold is set again (:func:`calibrate_threshold` with
+    ``calibration_rule``); otherwise it is kept. ``benign``: a
     :class:`~tfbackdoor.perturb.BenignProcessing` (``None``: the default one).
     """
     spec = spec_of(model)
@@ -288,9 +301,12 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
     record = {"n": int(len(x)), "epochs": epochs, "repeat": repeat, "lr": lr, "source": source_spec, "command": command}
     if trigger is not None:
         record.update({"trigger": getattr(trigger, "name", str(trigger)), "trigger_share": trigger_share})
-    if x_calibration is not None and target_fpr is not None and len(x_calibration):
-        spec.threshold = calibrate_threshold(model, x_calibration, target_fpr)
-        record["calibration"] = {"n": int(len(x_calibration)), "target_fpr": target_fpr, "threshold": spec.threshold}
+    n_cal = sum(len(v) for v in x_calibration) if isinstance(x_calibration, (list, tuple)) else \
+        (len(x_calibration) if x_calibration is not None else 0)
+    if n_cal and target_fpr is not None:
+        spec.threshold = calibrate_threshold(model, x_calibration, target_fpr, rule=calibration_rule)
+        record["calibration"] = {"n": int(n_cal), "target_fpr": target_fpr, "rule": calibration_rule,
+                                 "threshold": spec.threshold}
     spec.info = {**spec.info, "finetune": spec.info.get("finetune", []) + [record]}
     save(model, out)
     return model
