@@ -31,16 +31,17 @@ VARIANTS = ("brighter", "darker", "contrast", "jpeg90")
 
 
 def diagnose(model, x, thresholds):
-    from tfbackdoor import detector, perturb, triggers
+    from tfbackdoor import detector, metrics, perturb, triggers
 
     thr0 = detector.spec_of(model).threshold
     clean = detector.score(model, x)
     variants = {v: perturb.BENIGN_VARIANTS[v](x).numpy() for v in VARIANTS}
     vscores = {v: detector.score(model, xv) for v, xv in variants.items()}
-    tscores = {t.name: detector.score(model, t(x).numpy()) for t in triggers.expand("all")}
+    triggered = {t.name: t(x).numpy() for t in triggers.expand("all")}
+    tscores = {k: detector.score(model, xt) for k, xt in triggered.items()}
 
     def rate(s, thr):
-        return round(100.0 * float((s > thr).mean()), 2)
+        return round(metrics.flag_rate(s, thr), 2)
 
     sweep = []
     for thr in [thr0] + sorted(thresholds, reverse=True):
@@ -56,9 +57,9 @@ def diagnose(model, x, thresholds):
         clipping[v] = {"flagged": int(flagged.sum()),
                        "new_saturated_flagged": round(float(new_sat[flagged].mean()), 3) if flagged.any() else None,
                        "new_saturated_passed": round(float(new_sat[~flagged].mean()), 3)}
-    h, w = x.shape[1:3]
-    patch = x[:, h - 5:h - 1, w - 5:w - 1, :].astype(np.float64)          # where BadNets puts its square
-    change = (255.0 - patch).mean(axis=(1, 2, 3))
+    # Mean change over the BadNets square (it only raises pixels to white), from the trigger itself.
+    square = triggers.badnets(x.shape[1]).patch.size
+    change = (triggered["badnets"].astype(np.float64) - x).sum(axis=(1, 2, 3)) / square
     missed = tscores["badnets"] <= thr0
     badnets = {"near_white_share": round(100.0 * float((change < 10).mean()), 2),
                "mean_patch_change_missed": round(float(change[missed].mean()), 1) if missed.any() else None,

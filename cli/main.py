@@ -121,6 +121,18 @@ def spectrum(dataset, attacks, trigger_file, mask, alpha, trigger_dir, limit, im
 
 # --------------------------------------------------------------------------------- detector
 
+# Options shared by train-detector and finetune.
+_benign_option = click.option(
+    "--benign", "benign_spec", default="", metavar="KEY=VAL,...",
+    help="Override the random benign processing applied before the clean/poisoned split, e.g. "
+         "p_color=0.6,brightness=40,contrast=0.6:1.4 (keys: p_jpeg jpeg_quality p_color brightness contrast "
+         "p_blur blur_sigma p_resize resize).")
+_calibration_rule_option = click.option(
+    "--calibration-rule", type=click.Choice(["pooled", "worst"]), default="pooled", show_default=True,
+    help="pooled: --target-fpr of all held-out clean images and their benign variants together; worst: of "
+         "each set (every dataset part, as is and after each benign variant) separately.")
+
+
 def _benign(text, seed):
     """``--benign KEY=VAL,...`` -> BenignProcessing, as a one-line error on a bad setting."""
     from tfbackdoor import perturb
@@ -143,17 +155,12 @@ def _benign(text, seed):
 @click.option("--limit", type=int, default=None, help="Use a seeded subset of N images (per spec for A+B).")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--no-benign", is_flag=True, help="Skip the benign codec/colour processing of training images.")
-@click.option("--benign", "benign_spec", default="", metavar="KEY=VAL,...",
-              help="Override the random benign processing applied before the clean/poisoned split, e.g. "
-                   "p_color=0.6,brightness=40,contrast=0.6:1.4 (keys: p_jpeg jpeg_quality p_color brightness contrast "
-                   "p_blur blur_sigma p_resize resize).")
+@_benign_option
 @click.option("--strategy", type=click.Choice(["default", "mirrored", "multiworker"]), default="default", show_default=True)
 @click.option("--log-dir", type=click.Path(), default=None, help="TensorBoard log directory.")
 @click.option("--target-fpr", type=float, default=0.5, show_default=True,
               help="Set the threshold to flag this %% of held-out clean (and benign-processed) images.")
-@click.option("--calibration-rule", type=click.Choice(["pooled", "worst"]), default="pooled", show_default=True,
-              help="pooled: --target-fpr of all held-out clean images and their benign variants together; worst: of "
-                   "each set (every dataset part, as is and after each benign variant) separately.")
+@_calibration_rule_option
 @click.option("--init", type=click.Path(), default=None,
               help="Continue from this detector's weights (same arch, domain and size) instead of a fresh model.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -198,13 +205,8 @@ def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, l
                    "(with --target-fpr).")
 @click.option("--target-fpr", type=float, default=0.5, show_default=True,
               help="With --calibration: flag this %% of the held-out clean (and benign-processed) images.")
-@click.option("--benign", "benign_spec", default="", metavar="KEY=VAL,...",
-              help="Override the random benign processing applied before the clean/poisoned split, e.g. "
-                   "p_color=0.6,brightness=40,contrast=0.6:1.4 (keys: p_jpeg jpeg_quality p_color brightness contrast "
-                   "p_blur blur_sigma p_resize resize).")
-@click.option("--calibration-rule", type=click.Choice(["pooled", "worst"]), default="pooled", show_default=True,
-              help="pooled: --target-fpr of all held-out clean images and their benign variants together; worst: of "
-                   "each set (every dataset part, as is and after each benign variant) separately.")
+@_benign_option
+@_calibration_rule_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), required=True)
 @handle_errors

@@ -175,6 +175,13 @@ def _compile(model, lr):
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
 
+def _sources(x) -> list:
+    """Calibration images as a list of uint8 arrays, one per source (``x``: an array or a list)."""
+    if x is None:
+        return []
+    return [np.asarray(v) for v in x] if isinstance(x, (list, tuple)) else [np.asarray(x)]
+
+
 def calibrate_threshold(model, x, target_fpr=0.5, variants=None, rule="pooled") -> float:
     """The P(poisoned) threshold that flags ``target_fpr`` percent of held-out clean images.
 
@@ -188,9 +195,8 @@ def calibrate_threshold(model, x, target_fpr=0.5, variants=None, rule="pooled") 
     if rule not in ("pooled", "worst"):
         raise TfbdError(f"unknown calibration rule '{rule}' (known: pooled, worst)")
     names = list(perturb.BENIGN_VARIANTS) if variants is None else list(variants)
-    sources = [np.asarray(v) for v in x] if isinstance(x, (list, tuple)) else [np.asarray(x)]
     sets = []
-    for xs in sources:
+    for xs in _sources(x):
         if not len(xs):
             continue
         sets.append(score(model, xs))
@@ -301,8 +307,7 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
     record = {"n": int(len(x)), "epochs": epochs, "repeat": repeat, "lr": lr, "source": source_spec, "command": command}
     if trigger is not None:
         record.update({"trigger": getattr(trigger, "name", str(trigger)), "trigger_share": trigger_share})
-    n_cal = sum(len(v) for v in x_calibration) if isinstance(x_calibration, (list, tuple)) else \
-        (len(x_calibration) if x_calibration is not None else 0)
+    n_cal = sum(len(v) for v in _sources(x_calibration))
     if n_cal and target_fpr is not None:
         spec.threshold = calibrate_threshold(model, x_calibration, target_fpr, rule=calibration_rule)
         record["calibration"] = {"n": int(n_cal), "target_fpr": target_fpr, "rule": calibration_rule,
@@ -339,8 +344,7 @@ def load_eval_images(model, dataset, limit=None, seed=0, also=()):
     # The seeded subset is prefix-stable, so asking for len(excluded) more and dropping the
     # excluded ones keeps the same images a model without exclusions is evaluated on, plus more.
     more = None if limit is None else limit + len(excluded)
-    ds = data_mod.load(dataset, image_size=spec.image_size, with_ids=True, limit=more, seed=seed,
-                       shuffle=True if limit is not None else None)
+    ds = data_mod.load(dataset, image_size=spec.image_size, with_ids=True, limit=more, seed=seed)
     x, _, ids = data_mod.materialize(ds, dataset)
     if excluded:
         keep = np.asarray([i not in excluded for i in ids])
