@@ -21,6 +21,9 @@ the 32x32 cartoon, as the paper did for its large-input experiments.
 
 Built-ins that need no file: ``badnets``, ``noise_blend`` (a fixed random-noise pattern blended
 at 0.1) and ``checker`` (a procedural 5x5 black/white checkerboard patch, bottom-right).
+
+Other people's attacks for evaluation (BadNets 3x3, Blended, SIG, WaNet, FTrojan, CTRL, LF, ART's
+triggers, ``NAME+jpegQ``) live in :mod:`tfbackdoor.zoo` and are resolved by :func:`get` too.
 """
 
 from __future__ import annotations
@@ -339,6 +342,8 @@ def serialize(trigger: Trigger) -> dict:
 
 
 def from_config(d: dict) -> Trigger:
+    from . import zoo  # noqa: F401 - registers the zoo classes in _CLASSES (zoo imports this module)
+
     cfg = dict(d["config"])
     if d["class_name"] in ("Compose", "OneOf"):
         cfg["triggers"] = [from_config(t) for t in cfg["triggers"]]
@@ -422,11 +427,17 @@ def get(name: str, image_size: int = 32, trigger_dir=None) -> Trigger:
     Names: the paper's ``badnets trojan_wm trojan_sq blend nature l2_inv l0_inv smooth``; the
     built-ins ``noise_blend`` and ``checker``; ``smooth:PATH.npy`` (a smooth trigger file, e.g.
     one made by ``tfbd smooth``); ``smooth:random`` (a fresh random low-passed pattern per image,
-    :class:`RandomSmoothTrigger`); ``file:PATH`` (an additive pattern file).
+    :class:`RandomSmoothTrigger`); ``file:PATH`` (an additive pattern file); the evaluation zoo
+    (:mod:`tfbackdoor.zoo`: ``badnets3 ... insert_image``, ``NAME+jpegQ``, ``clean+jpegQ``).
     """
     if isinstance(name, Trigger):
         return name
     key = name.strip()
+    from . import zoo  # zoo imports this module, so it is imported here rather than at the top
+
+    found = zoo.get(key, image_size, trigger_dir)
+    if found is not None:
+        return found
     if key == "smooth:random":
         return RandomSmoothTrigger()
     if key.startswith("smooth:"):
@@ -459,21 +470,28 @@ def get(name: str, image_size: int = 32, trigger_dir=None) -> Trigger:
         return SmoothTrigger(read_pattern(_paper_file("smooth", trigger_dir, image_size)), name="smooth")
     if key in _FILES:
         return AdditiveTrigger(read_pattern(_paper_file(key, trigger_dir, image_size)), None, 1.0, name=key)
-    raise TfbdError(f"unknown attack '{name}' (known: {', '.join(available())}, smooth:PATH.npy, file:PATH)")
+    forms = ", ".join(("smooth:PATH.npy", "file:PATH") + zoo.NAME_FORMS)
+    raise TfbdError(f"unknown attack '{name}' (known: {', '.join(available())}, {forms})")
 
 
 def available() -> list:
-    return list(PAPER_ATTACKS) + ["noise_blend", "checker"]
+    from . import zoo
+
+    return list(PAPER_ATTACKS) + ["noise_blend", "checker"] + list(zoo.ZOO_ATTACKS)
 
 
 def expand(names, image_size=32, trigger_dir=None) -> list:
     """Triggers for a comma-separated list; ``all`` = the paper's 7 detector triggers,
-    ``paper`` = those 7 + ``smooth``, ``builtin`` = the file-free ones."""
+    ``paper`` = those 7 + ``smooth``, ``builtin`` = the file-free ones, ``zoo`` = the 11 zoo
+    attacks, ``zoo+jpeg`` = badnets, blended, sig, ftrojan, trojan_wm each +jpeg75 and +jpeg90."""
+    from . import zoo
+
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
     out = []
+    groups = {"all": PAPER_DETECTOR_ATTACKS, "paper": PAPER_ATTACKS, "builtin": BUILTIN_ATTACKS, **zoo.GROUPS}
     for n in names:
         n = n.strip()
-        group = {"all": PAPER_DETECTOR_ATTACKS, "paper": PAPER_ATTACKS, "builtin": BUILTIN_ATTACKS}.get(n)
+        group = groups.get(n)
         out.extend(get(g, image_size, trigger_dir) for g in group) if group else out.append(get(n, image_size, trigger_dir))
     return out
