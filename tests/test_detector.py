@@ -64,6 +64,59 @@ def test_manipulation_is_seeded_and_one_per_image():
     assert (again(x, tf.constant([5, 6], tf.int64)).numpy() == a).all()
 
 
+def test_generic_manipulations_change_images_as_described(lossless):
+    """The five generic kinds: convex mix, tiny patches, smooth fields, chroma bumps, warps."""
+    from scipy.fft import dctn
+
+    x = lossless[0][:96]
+    xf = x.astype(float)
+    outs = {k: perturb.RandomManipulation(kinds=[k], seed=5)(x).numpy().astype(float) for k in perturb.GENERIC_MANIPULATIONS[5:]}
+    for k, out in outs.items():
+        assert out.shape == x.shape and (out != xf).reshape(96, -1).any(1).mean() > 0.9, k
+    # mix: convex, so every pixel stays between the image and some other image of the batch
+    # (no pixel leaves [min, max] of the batch at that position) and the mean moves towards the batch mean
+    assert (outs["mix"] <= xf.max(0) + 1).all() and (outs["mix"] >= xf.min(0) - 1).all()
+    # small_patch: at most a 4x4 square changes
+    changed = (outs["small_patch"] != xf).any(-1).reshape(96, -1).sum(1)
+    assert changed.max() <= 16 and np.median(changed) >= 1
+    # smooth_field: changes most pixels, by at most the amplitude, with energy at low-to-mid frequencies
+    d = outs["smooth_field"] - xf
+    assert np.abs(d).max() <= 41 and (np.abs(d) > 0).mean() > 0.5
+    e = dctn(d, type=2, norm="ortho", axes=(1, 2)) ** 2
+    assert e[:, :16, :16].sum() / e.sum() > 0.9
+    # chroma_bump: small changes whose DCT energy sits on at most 3 frequencies (before rounding/clipping)
+    d = outs["chroma_bump"] - xf
+    assert np.abs(d).max() <= 16
+    e = dctn(d, type=2, norm="ortho", axes=(1, 2)) ** 2
+    top3 = np.sort(e.sum(-1).reshape(96, -1), 1)[:, -3:].sum(1) / e.sum(-1).reshape(96, -1).sum(1)
+    assert np.median(top3) > 0.6
+    # warp: moves pixels (large local changes) while the image mean barely moves
+    d = outs["warp"] - xf
+    assert np.abs(d).max() > 30 and np.abs(d.mean(axis=(1, 2, 3))).max() < 0.02 * 255
+
+
+def test_manipulation_kinds_parse_and_each_image_runs_one():
+    assert perturb.parse_kinds("paper") == perturb.MANIPULATIONS
+    assert perturb.parse_kinds("generic") == perturb.GENERIC_MANIPULATIONS
+    assert perturb.parse_kinds("mix,mix,warp") == ("mix", "mix", "warp")
+    with pytest.raises(ValueError, match="nope"):
+        perturb.parse_kinds("paper,nope")
+    x = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    m = perturb.RandomManipulation(kinds="generic", seed=2)
+    t = m.get_random_transformation(tf.constant(x), tf.constant([1, 2], tf.int64))
+    out = m.transform_images(tf.constant(x), t).numpy()
+    # each image gets exactly what its own kind, run on the images that drew it, gives (one
+    # manipulation per image; kinds that do not use another image of the batch compare exactly)
+    kinds = t["kind"].numpy()
+    assert len(set(kinds)) >= 6
+    for k in set(kinds) - {perturb.GENERIC_MANIPULATIONS.index("blend"), perturb.GENERIC_MANIPULATIONS.index("mix")}:
+        rows = np.nonzero(kinds == k)[0]
+        alone = m.transform_images(tf.constant(x[rows]), dict(t, kind=tf.fill([len(rows)], int(k)))).numpy()
+        assert (alone == out[rows]).all(), perturb.GENERIC_MANIPULATIONS[k]
+    again = perturb.RandomManipulation.from_config(m.get_config())
+    assert (again(x, tf.constant([1, 2], tf.int64)).numpy() == m(x, tf.constant([1, 2], tf.int64)).numpy()).all()
+
+
 def test_benign_processing_keeps_shape_and_jpeg_round_trip():
     x = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     b = perturb.BenignProcessing(p_jpeg=1.0, p_color=0, p_blur=0, p_resize=0)

@@ -3,6 +3,8 @@
 * ``fpr``: share of clean inputs flagged (score > threshold).
 * ``bdr``: backdoor detection rate, share of triggered inputs flagged.
 * ``acc``: accuracy on the 50/50 set of the clean inputs and their triggered copies.
+* ``bdr_at_fpr``: BDR at the threshold that flags a given share of *these* clean inputs (its
+  ``1 - fpr/100`` quantile): compares detectors at equal FPR whatever their own thresholds.
 * ``auroc``: area under the ROC curve of the scores (threshold-free), in percent.
 * ``asr``: attack success rate, share of inputs whose true label is not the target that the
   model labels as the target once triggered.
@@ -30,14 +32,30 @@ def auroc(clean_scores, poisoned_scores) -> float:
     return float(100.0 * u / (len(c) * len(p)))
 
 
-def detection_report(attack, clean_scores, poisoned_scores, threshold=0.5) -> dict:
-    """The JSON object for one attack: ``attack, acc, bdr, fpr, auroc, n`` (n = triggered inputs)."""
+def threshold_at_fpr(clean_scores, fpr=1.0) -> float:
+    """The threshold above which ``fpr`` percent of ``clean_scores`` lie (their ``1 - fpr/100`` quantile)."""
+    return float(np.quantile(np.asarray(clean_scores, np.float64), 1.0 - fpr / 100.0))
+
+
+def bdr_at_fpr(clean_scores, poisoned_scores, fpr=1.0) -> float:
+    """BDR (percent) at the threshold that flags ``fpr`` percent of ``clean_scores``."""
+    return flag_rate(poisoned_scores, threshold_at_fpr(clean_scores, fpr))
+
+
+def detection_report(attack, clean_scores, poisoned_scores, threshold=0.5, at_fpr=None) -> dict:
+    """The JSON object for one attack: ``attack, acc, bdr, fpr, auroc, n`` (n = triggered inputs).
+
+    With ``at_fpr`` (a percentage) also ``bdr_at_fpr``: the BDR at equal clean FPR (:func:`bdr_at_fpr`).
+    """
     fpr = flag_rate(clean_scores, threshold)
     bdr = flag_rate(poisoned_scores, threshold)
     nc, npz = len(clean_scores), len(poisoned_scores)
     acc = (nc * (100.0 - fpr) + npz * bdr) / max(nc + npz, 1)
-    return {"attack": attack, "acc": round(acc, 2), "bdr": round(bdr, 2), "fpr": round(fpr, 2),
-            "auroc": round(auroc(clean_scores, poisoned_scores), 2), "n": int(npz)}
+    row = {"attack": attack, "acc": round(acc, 2), "bdr": round(bdr, 2), "fpr": round(fpr, 2),
+           "auroc": round(auroc(clean_scores, poisoned_scores), 2), "n": int(npz)}
+    if at_fpr is not None:
+        row["bdr_at_fpr"] = round(bdr_at_fpr(clean_scores, poisoned_scores, at_fpr), 2)
+    return row
 
 
 def attack_success_rate(pred_triggered, labels, target) -> float:

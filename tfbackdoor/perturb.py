@@ -5,13 +5,17 @@ Following Keras's preprocessing layers, each class separates the random draw
 and round-trips through ``get_config``. All ops are stateless TensorFlow ops, vectorised over
 the batch, so they run inside ``tf.data`` maps.
 
-:class:`RandomManipulation` applies exactly ONE of the paper's five manipulations to each image:
+:class:`RandomManipulation` applies exactly ONE random manipulation to each image, from the
+paper's five (:data:`MANIPULATIONS`):
 
 0. ``white_block``: a white rectangle of random size, mostly in a corner;
 1. ``color_block``: a rectangle of random size filled with random pixels or a random colour;
 2. ``noise``: additive Gaussian noise of random strength and brightening mean;
 3. ``shadow``: a random convex polygon darkened by a random factor;
-4. ``blend``: add another random sample of the batch at a small weight.
+4. ``blend``: add another random sample of the batch at a small weight;
+
+or from the wider generic set (:data:`GENERIC_MANIPULATIONS`: also ``mix``, ``small_patch``,
+``smooth_field``, ``chroma_bump``, ``warp``; see the class). None is a known attack.
 
 :class:`BenignProcessing` applies what real pipelines do to clean images (JPEG re-encoding at a
 random quality, brightness/contrast changes, blur, down-and-up resizing). In detector training
@@ -25,7 +29,8 @@ import math
 
 import tensorflow as tf
 
-MANIPULATIONS = ("white_block", "color_block", "noise", "shadow", "blend")
+MANIPULATIONS = ("white_block", "color_block", "noise", "shadow", "blend")   # the paper's five
+GENERIC_MANIPULATIONS = MANIPULATIONS + ("mix", "small_patch", "smooth_field", "chroma_bump", "warp")
 
 
 def _seed(seed):
@@ -91,26 +96,86 @@ def _polygon_mask(seed, n, h, w, vertices=5):
     return tf.reduce_all(cross >= 0, axis=1)[..., None]
 
 
-class RandomManipulation:
-    """One random manipulation of the paper's five per image.
+def _bilinear_sample(x, ys, xs):
+    """Sample float ``(N, H, W, C)`` images at real-valued pixel coordinates ``ys, xs`` ``(N, H, W)``.
 
-    The defaults follow the paper's own training code (its ``patching_train``), which is what
-    lets the detector generalise to real triggers: blocks of 2..7 px (at 32 px) mostly in a
-    corner, a random-colour block made of random pixels, Gaussian noise with a brightening mean,
-    and an *additive* blend with another image (``x + a * other``, clipped), the rule the
-    paper's Blend/Trojan triggers follow. Sizes scale with the image side.
+    Bilinear, clamped at the edges, vectorised with one batched gather per corner (TensorFlow
+    has no grid-sample op; ``tf.image`` only warps by affine/projective maps).
+    """
+    h, w = x.shape[1], x.shape[2]
+    ys = tf.clip_by_value(ys, 0.0, h - 1.0)
+    xs = tf.clip_by_value(xs, 0.0, w - 1.0)
+    y0, x0 = tf.floor(ys), tf.floor(xs)
+    wy, wx = (ys - y0)[..., None], (xs - x0)[..., None]
+    y0, x0 = tf.cast(y0, tf.int32), tf.cast(x0, tf.int32)
+    y1, x1 = tf.minimum(y0 + 1, h - 1), tf.minimum(x0 + 1, w - 1)
+    flat = tf.reshape(x, [tf.shape(x)[0], h * w, x.shape[3]])
+
+    def at(yy, xx):
+        return tf.gather(flat, yy * w + xx, batch_dims=1)
+
+    top = at(y0, x0) * (1 - wx) + at(y0, x1) * wx
+    bottom = at(y1, x0) * (1 - wx) + at(y1, x1) * wx
+    return top * (1 - wy) + bottom * wy
+
+
+def _idct_field(coeffs):
+    """Spatial pattern ``(N, H, W, C)`` of DCT coefficients ``coeffs`` (same shape)."""
+    from .frequency import idct2d   # frequency imports keras; keep perturb's import light
+
+    # One zero row more: tf.signal's inverse FFT fails on an empty batch, which a kind that no
+    # image of a batch drew would pass.
+    return idct2d(tf.pad(coeffs, [[0, 1], [0, 0], [0, 0], [0, 0]]))[:-1]
+
+
+def _freq_grid(h, w):
+    u = tf.cast(tf.range(h), tf.float32)[:, None]
+    v = tf.cast(tf.range(w), tf.float32)[None, :]
+    return u, v
+
+
+class RandomManipulation:
+    """One random manipulation per image, drawn from ``kinds``.
+
+    The paper's five (:data:`MANIPULATIONS`; defaults follow the paper's own training code,
+    its ``patching_train``): blocks of 2..7 px (at 32 px) mostly in a corner, a random-colour
+    block made of random pixels, Gaussian noise with a brightening mean, a random shadow
+    polygon, and an *additive* blend with another image (``x + a * other``, clipped).
+
+    Five more generic kinds (:data:`GENERIC_MANIPULATIONS`), none of them a known attack: each is
+    a random family of digital changes (fresh parameters per image) that the paper's five do not
+    span, so a detector trained on them has seen global, low-frequency and geometric changes
+    as well as blunt patches:
+
+    5. ``mix``: a *convex* blend with another image, ``(1 - a) x + a other``;
+    6. ``small_patch``: a 1..4 px patch (at 32 px) of solid, checker or random-offset content,
+       near a corner or anywhere;
+    7. ``smooth_field``: an additive random field whose DCT coefficients follow a Gaussian
+       envelope of random width (smooth shading up to mid-frequency texture), or a single random
+       cosine grating, of random amplitude;
+    8. ``chroma_bump``: one to three random DCT basis functions added along a random colour
+       direction (mostly chroma, zero-sum over RGB) at random frequencies;
+    9. ``warp``: a smooth random sub-pixel-to-pixel displacement field (bilinear resampling).
+
+    Each image's kind is drawn first; each manipulation then runs only on the images that drew
+    it (``tf.dynamic_partition`` / ``tf.dynamic_stitch``), so the cost per image is that of one
+    manipulation, not of all of them. Sizes and frequencies scale with the image side.
 
     Args:
-      kinds: subset of :data:`MANIPULATIONS` to draw from (uniformly).
-      block_size: ``(min, max)`` rectangle side as a fraction of the image side.
+      kinds: the kinds to draw from, uniformly (repeat a name to weight it).
+      block_size: ``(min, max)`` block side as a fraction of the image side.
       corner_prob: probability that a block sits in a corner (else anywhere).
       corner_margin: largest distance of a corner block from the edges, as a fraction of the side.
       pixel_color_prob: probability that a colour block is random pixels (else one solid colour).
       noise_std: ``(min, max)`` Gaussian noise std in 0..255 units.
       noise_mean: ``(min, max)`` mean of the noise (a brightening offset) in 0..255 units.
       shadow: ``(min, max)`` brightness factor inside the shadow polygon.
-      blend_alpha: ``(min, max)`` weight ``a`` of the other sample.
-      blend_mode: ``"add"`` (``x + a * other``, the paper's) or ``"mix"`` (``(1 - a) x + a other``).
+      blend_alpha: ``(min, max)`` weight ``a`` of the other sample (``blend`` and ``mix``).
+      blend_mode: ``"add"`` (``blend`` is ``x + a * other``, the paper's) or ``"mix"`` (convex).
+      patch_size: ``(min, max)`` side of ``small_patch`` in px at 32 px.
+      field_amplitude: ``(min, max)`` peak of ``smooth_field`` in 0..255 units.
+      bump_magnitude: ``(min, max)`` DCT magnitude of each ``chroma_bump`` (0..255 image units).
+      warp_pixels: ``(min, max)`` largest displacement of ``warp`` in px at 32 px.
       seed: default seed (an int); ``__call__`` also takes a per-batch seed tensor of shape (2,).
 
     Input: uint8 ``(N, H, W, 3)``. Output: uint8 ``(N, H, W, 3)``.
@@ -118,10 +183,13 @@ class RandomManipulation:
 
     def __init__(self, kinds=MANIPULATIONS, block_size=(0.06, 0.22), corner_prob=0.75, corner_margin=0.16,
                  pixel_color_prob=0.5, noise_std=(3.0, 8.5), noise_mean=(0.0, 25.0), shadow=(0.35, 0.8),
-                 blend_alpha=(0.1, 0.3), blend_mode="add", seed=0):
-        unknown = set(kinds) - set(MANIPULATIONS)
-        if unknown:
-            raise ValueError(f"unknown manipulations {sorted(unknown)} (known: {MANIPULATIONS})")
+                 blend_alpha=(0.1, 0.3), blend_mode="add", patch_size=(1, 4), field_amplitude=(6.0, 40.0),
+                 bump_magnitude=(10.0, 60.0), warp_pixels=(0.3, 1.5), seed=0):
+        if isinstance(kinds, str):
+            kinds = parse_kinds(kinds)
+        unknown = set(kinds) - set(GENERIC_MANIPULATIONS)
+        if unknown or not kinds:
+            raise ValueError(f"unknown manipulations {sorted(unknown)} (known: {', '.join(GENERIC_MANIPULATIONS)})")
         if blend_mode not in ("add", "mix"):
             raise ValueError(f"unknown blend_mode {blend_mode!r} (known: add, mix)")
         self.kinds = tuple(kinds)
@@ -134,47 +202,152 @@ class RandomManipulation:
         self.shadow = tuple(shadow)
         self.blend_alpha = tuple(blend_alpha)
         self.blend_mode = blend_mode
+        self.patch_size = tuple(patch_size)
+        self.field_amplitude = tuple(field_amplitude)
+        self.bump_magnitude = tuple(bump_magnitude)
+        self.warp_pixels = tuple(warp_pixels)
         self.seed = int(seed)
 
     def get_random_transformation(self, images, seed):
+        """The per-image kind (index into :data:`GENERIC_MANIPULATIONS`) and the seed of the rest."""
         n = tf.shape(images)[0]
-        h, w = images.shape[1], images.shape[2]
         seed = _seed(seed)
-        side = min(h, w)
-        lo, hi = max(1, int(round(self.block_size[0] * side))), max(1, int(round(self.block_size[1] * side)))
-        margin = int(round(self.corner_margin * side))
-        choice_ids = tf.constant([MANIPULATIONS.index(k) for k in self.kinds], tf.int32)
+        choice_ids = tf.constant([GENERIC_MANIPULATIONS.index(k) for k in self.kinds], tf.int32)
         pick = tf.random.stateless_uniform([n], _sub(seed, 0), 0, len(self.kinds), tf.int32)
-        solid = tf.random.stateless_uniform([n, 1, 1, 3], _sub(seed, 3), 0.0, 255.0)
-        pixels = tf.random.stateless_uniform(tf.shape(images), _sub(seed, 10), 0.0, 255.0)
-        use_pixels = tf.random.stateless_uniform([n, 1, 1, 1], _sub(seed, 11)) < self.pixel_color_prob
         return {
             "kind": tf.gather(choice_ids, pick),
-            "white_mask": _rect_mask(_sub(seed, 1), n, h, w, lo, hi, self.corner_prob, margin),
-            "color_mask": _rect_mask(_sub(seed, 2), n, h, w, lo, hi, self.corner_prob, margin),
-            "color": tf.where(use_pixels, pixels, solid),
-            "noise": tf.random.stateless_normal(tf.shape(images), _sub(seed, 4))
-            * tf.random.stateless_uniform([n, 1, 1, 1], _sub(seed, 5), *self.noise_std)
-            + tf.random.stateless_uniform([n, 1, 1, 1], _sub(seed, 12), *self.noise_mean),
-            "shadow_mask": _polygon_mask(_sub(seed, 6), n, h, w),
-            "shadow": tf.random.stateless_uniform([n, 1, 1, 1], _sub(seed, 7), *self.shadow),
-            "blend_alpha": tf.random.stateless_uniform([n, 1, 1, 1], _sub(seed, 8), *self.blend_alpha),
+            "seed": seed,
             "blend_shift": tf.random.stateless_uniform([], _sub(seed, 9), 1, tf.maximum(n, 2), tf.int32),
         }
+
+    # -- the manipulations: float (m, H, W, 3) 0..255 images (+ the other images) -> float
+    def _white_block(self, x, other, seed):
+        m, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
+        lo, hi, margin = self._block_sides(h, w)
+        return tf.where(_rect_mask(_sub(seed, 1), m, h, w, lo, hi, self.corner_prob, margin), 255.0, x)
+
+    def _color_block(self, x, other, seed):
+        m, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
+        lo, hi, margin = self._block_sides(h, w)
+        solid = tf.random.stateless_uniform([m, 1, 1, 3], _sub(seed, 3), 0.0, 255.0)
+        pixels = tf.random.stateless_uniform(tf.shape(x), _sub(seed, 10), 0.0, 255.0)
+        use_pixels = tf.random.stateless_uniform([m, 1, 1, 1], _sub(seed, 11)) < self.pixel_color_prob
+        mask = _rect_mask(_sub(seed, 2), m, h, w, lo, hi, self.corner_prob, margin)
+        return tf.where(mask, tf.where(use_pixels, pixels, solid), x)
+
+    def _noise(self, x, other, seed):
+        m = tf.shape(x)[0]
+        return (x + tf.random.stateless_normal(tf.shape(x), _sub(seed, 4))
+                * tf.random.stateless_uniform([m, 1, 1, 1], _sub(seed, 5), *self.noise_std)
+                + tf.random.stateless_uniform([m, 1, 1, 1], _sub(seed, 12), *self.noise_mean))
+
+    def _shadow(self, x, other, seed):
+        m, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
+        factor = tf.random.stateless_uniform([m, 1, 1, 1], _sub(seed, 7), *self.shadow)
+        return tf.where(_polygon_mask(_sub(seed, 6), m, h, w), x * factor, x)
+
+    def _alpha(self, x, seed):
+        return tf.random.stateless_uniform([tf.shape(x)[0], 1, 1, 1], _sub(seed, 8), *self.blend_alpha)
+
+    def _blend(self, x, other, seed):
+        a = self._alpha(x, seed)
+        return x + a * other if self.blend_mode == "add" else (1.0 - a) * x + a * other
+
+    def _mix(self, x, other, seed):
+        a = self._alpha(x, seed)
+        return (1.0 - a) * x + a * other
+
+    def _small_patch(self, x, other, seed):
+        m, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
+        scale = min(h, w) / 32.0
+        lo, hi = max(1, round(self.patch_size[0] * scale)), max(1, round(self.patch_size[1] * scale))
+        mask = _rect_mask(_sub(seed, 1), m, h, w, lo, hi, 0.5, max(0, round(2 * scale)))
+        u = tf.random.stateless_uniform([m, 4, 1, 1, 1], _sub(seed, 2))
+        c1 = tf.where(u[:, 0] < 0.3, 255.0, tf.random.stateless_uniform([m, 1, 1, 3], _sub(seed, 3), 0.0, 255.0))
+        c2 = tf.where(u[:, 1] < 0.5, 0.0, tf.random.stateless_uniform([m, 1, 1, 3], _sub(seed, 4), 0.0, 255.0))
+        r, c = tf.range(h)[:, None], tf.range(w)[None, :]
+        parity = tf.cast((r + c) % 2, tf.bool)[None, :, :, None]
+        content = tf.where((u[:, 2] < 0.4) & parity, c2, c1)
+        offset = tf.random.stateless_uniform([m, 1, 1, 1], _sub(seed, 5), 20.0, 80.0)
+        offset *= tf.sign(tf.random.stateless_uniform([m, 1, 1, 1], _sub(seed, 6), -1.0, 1.0))
+        content = tf.where(u[:, 3] < 0.25, x + offset, content)
+        return tf.where(mask, content, x)
+
+    def _smooth_field(self, x, other, seed):
+        m, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
+        side = min(h, w)
+        uu, vv = _freq_grid(h, w)
+        # Gaussian envelope over frequency, width log-uniform from 1 to side/3 frequencies.
+        width = tf.exp(tf.random.stateless_uniform([m, 1, 1, 1], _sub(seed, 1), 0.0, math.log(side / 3.0)))
+        env = tf.exp(-0.5 * (tf.square(uu) + tf.square(vv))[None, :, :, None] / tf.square(width))
+        colour = tf.random.stateless_uniform([m, 1, 1, 1], _sub(seed, 2)) < 0.5   # per-channel or shared field
+        z = tf.random.stateless_normal([m, h, w, 3], _sub(seed, 3))
+        z = tf.where(colour, z, z[..., :1])
+        # or a single cosine grating at a random frequency below the band's middle
+        gu = tf.random.stateless_uniform([m], _sub(seed, 4), 0, side // 2, tf.int32)
+        gv = tf.random.stateless_uniform([m], _sub(seed, 5), 0, side // 2, tf.int32)
+        grating = (tf.one_hot(gu, h)[:, :, None] * tf.one_hot(gv, w)[:, None, :])[..., None]
+        use_grating = tf.random.stateless_uniform([m, 1, 1, 1], _sub(seed, 6)) < 0.3
+        coeffs = tf.where(use_grating, grating * tf.ones([1, 1, 1, 3]), z * env)
+        dc = tf.cast((uu == 0) & (vv == 0), tf.float32)[None, :, :, None]
+        coeffs = coeffs * (1.0 - dc)
+        field = _idct_field(coeffs)
+        field /= tf.maximum(tf.reduce_max(tf.abs(field), axis=[1, 2, 3], keepdims=True), 1e-6)
+        amp = tf.random.stateless_uniform([m, 1, 1, 1], _sub(seed, 7), *self.field_amplitude)
+        return x + amp * field
+
+    def _chroma_bump(self, x, other, seed):
+        m, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
+        k = 3
+        pu = tf.random.stateless_uniform([m, k], _sub(seed, 1), 0, h, tf.int32)
+        pv = tf.random.stateless_uniform([m, k], _sub(seed, 2), 0, w, tf.int32)
+        keep = tf.cast(tf.range(k)[None, :] < tf.random.stateless_uniform([m, 1], _sub(seed, 3), 1, k + 1, tf.int32),
+                       tf.float32)
+        sign = tf.sign(tf.random.stateless_uniform([m, k], _sub(seed, 4), -1.0, 1.0))
+        mag = tf.random.stateless_uniform([m, k], _sub(seed, 5), *self.bump_magnitude) * sign * keep
+        coeffs = tf.einsum("mk,mkh,mkw->mhw", mag, tf.one_hot(pu, h), tf.one_hot(pv, w))[..., None]
+        pattern = _idct_field(coeffs)                                          # m H W 1
+        d = tf.random.stateless_normal([m, 1, 1, 3], _sub(seed, 6))
+        chroma = d - tf.reduce_mean(d, axis=-1, keepdims=True)                 # zero-sum: no luminance
+        luma = tf.ones_like(d)
+        d = tf.where(tf.random.stateless_uniform([m, 1, 1, 1], _sub(seed, 7)) < 0.75, chroma, luma)
+        d /= tf.maximum(tf.norm(d, axis=-1, keepdims=True), 1e-6)
+        return x + pattern * d * math.sqrt(3.0)
+
+    def _warp(self, x, other, seed):
+        m, h, w = tf.shape(x)[0], x.shape[1], x.shape[2]
+        side = min(h, w)
+        uu, vv = _freq_grid(h, w)
+        width = tf.random.stateless_uniform([m, 1, 1, 1], _sub(seed, 1), 1.0, 3.0) * side / 32.0
+        env = tf.exp(-0.5 * (tf.square(uu) + tf.square(vv))[None, :, :, None] / tf.square(width))
+        disp = _idct_field(tf.random.stateless_normal([m, h, w, 2], _sub(seed, 2)) * env)
+        disp /= tf.maximum(tf.reduce_max(tf.abs(disp), axis=[1, 2, 3], keepdims=True), 1e-6)
+        disp *= tf.random.stateless_uniform([m, 1, 1, 1], _sub(seed, 3), *self.warp_pixels) * side / 32.0
+        rows = tf.cast(tf.range(h), tf.float32)[None, :, None]
+        cols = tf.cast(tf.range(w), tf.float32)[None, None, :]
+        return _bilinear_sample(x, rows + disp[..., 0], cols + disp[..., 1])
+
+    def _block_sides(self, h, w):
+        side = min(h, w)
+        lo, hi = max(1, int(round(self.block_size[0] * side))), max(1, int(round(self.block_size[1] * side)))
+        return lo, hi, int(round(self.corner_margin * side))
 
     def transform_images(self, images, t):
         x = tf.cast(images, tf.float32)
         other = tf.roll(x, t["blend_shift"], axis=0)
-        a = t["blend_alpha"]
-        blended = x + a * other if self.blend_mode == "add" else (1.0 - a) * x + a * other
-        variants = tf.stack([
-            tf.where(t["white_mask"], 255.0, x),
-            tf.where(t["color_mask"], t["color"], x),
-            x + t["noise"],
-            tf.where(t["shadow_mask"], x * t["shadow"], x),
-            blended,
-        ], axis=1)                                                       # N 5 H W C
-        out = tf.gather(variants, t["kind"], axis=1, batch_dims=1)
+        n = tf.shape(x)[0]
+        used = [k for k in GENERIC_MANIPULATIONS if k in self.kinds]
+        ids = tf.dynamic_partition(tf.range(n), t["kind"], len(GENERIC_MANIPULATIONS))
+        idx, parts = [], []
+        for k, name in enumerate(GENERIC_MANIPULATIONS):
+            if name not in used:
+                continue
+            sub = ids[k]
+            fn = getattr(self, "_" + name)
+            parts.append(fn(tf.gather(x, sub), tf.gather(other, sub), _sub(t["seed"], 100 + k)))
+            idx.append(sub)
+        out = tf.dynamic_stitch(idx, parts)
+        out = tf.ensure_shape(out, images.shape if images.shape.rank == 4 else [None] * 4)
         return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
     def __call__(self, images, seed=None):
@@ -188,6 +361,22 @@ class RandomManipulation:
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def parse_kinds(text):
+    """``"paper"``, ``"generic"`` or comma-separated kind names -> a tuple of kinds (repeats weight a kind)."""
+    groups = {"paper": MANIPULATIONS, "generic": GENERIC_MANIPULATIONS}
+    out = []
+    for item in [t.strip() for t in str(text).split(",") if t.strip()]:
+        if item in groups:
+            out.extend(groups[item])
+        elif item in GENERIC_MANIPULATIONS:
+            out.append(item)
+        else:
+            raise ValueError(f"unknown manipulation '{item}' (known: paper, generic, {', '.join(GENERIC_MANIPULATIONS)})")
+    if not out:
+        raise ValueError("no manipulation given (use paper, generic or kind names)")
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- benign processing
