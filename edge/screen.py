@@ -15,8 +15,14 @@ Model contract (what the tfbackdoor exporter writes):
 * exactly one output: ``[1, 1]`` = P(poisoned), or ``[1, 2]`` = softmax
   ``[clean, poisoned]`` (column 1 is used); float, or int8/uint8 dequantized
   with the tensor's scale / zero point;
-* an optional sidecar ``<model>.json`` (``model.json`` or ``model.tflite.json``)
-  beside the model with ``{"threshold": t, "image_size": [H, W]}``.
+* a sidecar ``<model>.json`` (``model.json`` or ``model.tflite.json``) beside
+  the model with ``{"threshold": t, "image_size": [H, W], "sha256": hex}``
+  (the exporter writes it): without one, ``--threshold`` must be given; a
+  ``sha256`` that does not match the model file is refused.
+
+Images whose header declares more than ``$TFBD_MAX_PIXELS`` pixels (default
+40 million) are reported and skipped without being decoded (decompression
+bombs).
 
 Command line (see ``--help`` and ``edge/README.md``)::
 
@@ -36,12 +42,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, NoReturn, Optional, Sequence, TextIO, Tuple, Union
 
@@ -50,7 +58,7 @@ from PIL import Image, ImageOps
 
 PROG = "screen"
 DEFAULT_MODEL_NAME = "screener_cifar10_int8.tflite"
-DEFAULT_THRESHOLD = 0.5
+DEFAULT_MAX_PIXELS = 40_000_000
 RESIZE_MODES = ("crop", "stretch")
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".gif", ".tif", ".tiff"}
@@ -71,6 +79,30 @@ class ModelError(Exception):
 
 class UnreadableInput(Exception):
     """An image, video or camera that cannot be read (reported and skipped)."""
+
+
+def max_pixels() -> int:
+    """Largest width x height (from an image's header) that is decoded:
+    ``$TFBD_MAX_PIXELS`` or 40 million.  Raises ValueError for a bad value."""
+    text = os.environ.get("TFBD_MAX_PIXELS", "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(text))
+    except (ValueError, OverflowError):
+        value = 0
+    if value <= 0:
+        raise ValueError(f"TFBD_MAX_PIXELS must be a positive pixel count, got {text!r}")
+    return value
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def one_line(exc: BaseException) -> str:
@@ -239,14 +271,17 @@ class Screener:
     Args:
         model_path: path to the ``.tflite`` file.
         threshold: score at or above which an image is ``"poisoned"``;
-            ``None`` takes the sidecar's threshold, else 0.5.
+            ``None`` takes the sidecar's threshold (an error when there is
+            no sidecar: no silent default).
         num_threads: LiteRT CPU threads (``None`` = runtime default).
         resize: ``"crop"`` (centre-crop to the model's aspect, then resize)
             or ``"stretch"`` (resize without cropping).
 
     Raises:
         ModelError: missing file, unloadable model, a model that does not
-            fit the screener contract, or a bad sidecar.
+            fit the screener contract, a bad sidecar, a sidecar whose
+            ``sha256`` does not match the model, or no threshold (no sidecar
+            and ``threshold=None``).
         ValueError: a bad ``threshold``, ``num_threads`` or ``resize``.
 
     Attributes:
@@ -272,6 +307,13 @@ class Screener:
         self._interpreter = self._load(num_threads)
         self._check_contract()
         self.sidecar_path, sidecar = read_sidecar(self.model_path)
+        digest = sidecar.get("sha256")
+        if digest is not None and str(digest).lower() != file_sha256(self.model_path):
+            raise ModelError(
+                f"{self.sidecar_path}: sha256 does not match {self.model_path} (the model was "
+                "replaced, or the sidecar belongs to another model); use the sidecar exported "
+                "with this model"
+            )
         size = sidecar.get("image_size")
         if size is not None and tuple(size) != self.input_size:
             raise ModelError(
@@ -279,7 +321,14 @@ class Screener:
                 f"input {list(self.input_size)}"
             )
         if threshold is None:
-            threshold = sidecar.get("threshold", DEFAULT_THRESHOLD)
+            threshold = sidecar.get("threshold")
+        if threshold is None:
+            where = (f"its sidecar {self.sidecar_path} has no threshold" if self.sidecar_path
+                     else f"no sidecar {self.model_path.with_suffix('.json').name} beside it")
+            raise ModelError(
+                f"{self.model_path}: no threshold: {where}; pass --threshold T "
+                "(the threshold the model was calibrated for)"
+            )
         self.threshold = float(threshold)
         self._warm_up()
 
@@ -396,19 +445,34 @@ class Screener:
 # --------------------------------------------------------------------------
 
 
-def load_image(path: Union[str, os.PathLike]) -> np.ndarray:
+def load_image(path: Union[str, os.PathLike], limit: Optional[int] = None) -> np.ndarray:
     """Decode an image file fully into an RGB uint8 array.
 
     EXIF orientation is applied; animated images give their first frame.
-    Raises :class:`UnreadableInput` for missing, non-image or truncated files.
+    Raises :class:`UnreadableInput` for missing, non-image or truncated files,
+    and for an image whose header declares more than ``limit`` pixels
+    (default :func:`max_pixels`), before decoding it.
     """
+    limit = max_pixels() if limit is None else limit
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)  # lazy: reads the header only
+        with img:
+            width, height = img.size
+            if width * height > limit:
+                raise UnreadableInput(
+                    f"image too large: its header declares {width}x{height} = "
+                    f"{width * height / 1e6:.1f} megapixels, more than the limit of "
+                    f"{limit / 1e6:g} (set TFBD_MAX_PIXELS to change it); not decoded"
+                )
             img.load()
             return to_rgb_array(ImageOps.exif_transpose(img))
     except FileNotFoundError:
         raise UnreadableInput("no such file") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise UnreadableInput(f"image too large ({one_line(exc)}); not decoded") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise UnreadableInput(f"not a readable image: {one_line(exc)}") from None
 
 
@@ -546,8 +610,12 @@ def iter_sources(
     for source in sources:
         name = os.fspath(source)
         if os.path.isdir(name):
+            found = False
             for path in iter_image_files(name):
+                found = True
                 yield _load_item(path)
+            if not found:
+                yield name, UnreadableInput("no image files in this folder")
         elif not os.path.exists(name):
             yield name, UnreadableInput("no such file or directory")
         elif os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS:
@@ -681,8 +749,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="screen.py",
         description="Screen images, folders, videos or a camera for backdoor triggers "
         "with a tfbackdoor LiteRT model. Prints one JSON line per image/frame, then a summary.",
-        epilog="Exit codes: 0 done (even with poisoned or skipped items); "
-        "2 usage or model error.",
+        epilog="Exit codes: 0 every input screened (poisoned verdicts included); "
+        "1 done, but an input was missing or unreadable, or a folder had no images "
+        "(the rest were screened); 2 usage or model error.",
     )
     parser.add_argument("sources", nargs="*", metavar="SOURCES",
                         help="image files, folders (recursive), video files (mp4/avi/mov/mkv/webm)")
@@ -690,7 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"screener .tflite (default: saved_models/{DEFAULT_MODEL_NAME} "
                         "in the repository, or beside screen.py)")
     parser.add_argument("--threshold", type=_probability, default=None, metavar="T",
-                        help="poisoned if score >= T (default: the model's sidecar JSON, else 0.5)")
+                        help="poisoned if score >= T (default: the model's sidecar JSON; "
+                        "required when there is none)")
     parser.add_argument("--every", type=_positive_int, default=1, metavar="N",
                         help="process every N-th video/camera frame (default 1)")
     parser.add_argument("--camera", default=None, metavar="IDX",
@@ -724,8 +794,16 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns the exit code (0 done, 2 usage/model error)."""
+    """Command-line entry point; returns the exit code (0 all screened, 1 some input
+    missing/unreadable or a folder empty, 2 usage/model error)."""
     args = build_parser().parse_args(argv)
+    try:
+        limit = max_pixels()
+    except ValueError as exc:
+        print(f"{PROG}: usage error: {exc}", file=sys.stderr)
+        return 2
+    # Pillow's own bomb check (an error above twice its limit) must not refuse what ours allows.
+    Image.MAX_IMAGE_PIXELS = max(limit, Image.MAX_IMAGE_PIXELS or 0)
     if not args.sources and args.camera is None:
         print(f"{PROG}: no sources given (pass image/video files, folders or --camera IDX)",
               file=sys.stderr)
@@ -743,13 +821,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     items = iter_sources(args.sources, every=args.every, camera=args.camera,
                          max_frames=args.max_frames)
+    summary = None
     try:
         with _sigterm_as_interrupt():
-            run(screener, items, per_item=not args.summary_only)
+            summary = run(screener, items, per_item=not args.summary_only)
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): stop quietly, as Python's docs advise.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
+    if summary is not None and summary["errors"]:
+        print(f"{PROG}: {summary['errors']} input(s) missing, unreadable or empty (see above); "
+              "the rest were screened", file=sys.stderr)
+        return 1
     return 0
 
 

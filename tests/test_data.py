@@ -111,3 +111,101 @@ def test_photo_crops_of_the_real_photos(data_dir):
     assert data.CROP_SOURCES["photos:crops"] == "photos"   # photos:crops = 20,000 of these
     x, y = data.load_arrays(f"crops:{data_dir / 'photos'}:50")
     assert x.shape == (50, 32, 32, 3) and x.std() > 20
+
+
+# ----------------------------------------------------------------------------- bad input (issue 15)
+
+def _bomb_png(path, width, height):
+    """A valid PNG header declaring ``width x height`` with only a few rows of data (a few KB)."""
+    import struct
+    import zlib
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (3 * width + 1) * 4)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_dir_decompression_bombs_are_skipped_with_a_reason_before_decoding(tmp_path, rng, monkeypatch):
+    import resource
+
+    root = tmp_path / "t"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(root / c / "ok.png")
+    _bomb_png(root / "a" / "bomb.png", 23000, 23000)        # 1.6 GB decoded: beyond Pillow's own limit
+    _bomb_png(root / "b" / "bomb.webp", 9000, 9000)         # the Pillow path (not a TF format by name)
+    _bomb_png(root / "b" / "bomb2.png", 9000, 9000)         # 81 MP: Pillow alone would not even warn
+    skipped = []
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.warns(data.SkippedItems) as record:
+        x, y = data.load_arrays(f"dir:{root}", image_size=16, skipped=skipped)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 300_000   # KB: nothing was decoded
+    assert x.shape == (2, 16, 16, 3) and sorted(y.tolist()) == [0, 1]           # the rest is all there
+    reasons = {s[0].split("/")[-1]: s[1] for s in skipped}
+    assert sorted(reasons) == ["bomb.png", "bomb.webp", "bomb2.png"]
+    assert reasons["bomb2.png"].startswith("image too large: its header declares 9000x9000 = 81.0 megapixels, "
+                                           "more than the limit of 40 (set TFBD_MAX_PIXELS")
+    assert reasons["bomb.png"].startswith("image too large: its header declares 529.0 megapixels")
+    assert all(r.startswith("image too large") for r in reasons.values())
+    assert record[0].message.items == skipped
+    monkeypatch.setenv("TFBD_MAX_PIXELS", "1000")    # configurable: 50 x 40 = 2000 px is now too large
+    with pytest.warns(data.SkippedItems, match="ok.png \\(image too large: its header declares 50x40"):
+        with pytest.raises(TfbdError, match="no readable images"):
+            data.load_arrays(f"dir:{root}", image_size=16)
+
+
+def test_dir_file_name_that_is_not_utf8_is_scored_with_an_escaped_id(tmp_path, rng):
+    import os
+
+    root = tmp_path / "t"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "a" / "ok.png")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(os.fsencode(root / "a") + b"/bad\xff.jpg")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(os.fsencode(root / "a") + b"/bad\xfe.webp")
+    x, y, ids = data.materialize(data.load(f"dir:{root}", with_ids=True), "t")
+    assert len(x) == 3
+    assert sorted(i.split("/")[-1] for i in ids) == ["bad\\xfe.webp", "bad\\xff.jpg", "ok.png"]
+    assert data.report_missing(f"dir:{root}", ids) == []
+
+
+def test_dir_symlink_loops_and_a_class_folder_linked_to_the_root_are_reported(tmp_path, rng):
+    import os
+
+    root = tmp_path / "t"
+    for c, n in (("a", 2), ("b", 1)):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    os.symlink(".", root / "self")            # a class folder that is the dataset folder itself
+    os.symlink("..", root / "a" / "up")       # a loop back to the dataset folder
+    os.symlink("ring", root / "b" / "ring")   # a link to itself
+    os.symlink(root / "a", root / "b" / "again")   # a folder already listed (as class a)
+    skipped = []
+    with pytest.warns(data.SkippedItems, match="symlink loop"):
+        x, y = data.load_arrays(f"dir:{root}", skipped=skipped)
+    assert sorted(y.tolist()) == [0, 0, 1]    # no image twice, none under the label of 'self'
+    reasons = {s[0][len(str(root)) + 1:]: s[1] for s in skipped}
+    assert reasons.keys() == {"self", "a/up", "b/ring", "b/again"}
+    assert "the dataset folder or one of its parents; skipped" in reasons["self"]
+    assert reasons["a/up"].startswith("symlink loop")
+    assert "already listed" in reasons["b/again"]
+
+
+def test_flat_folder_is_unlabelled_and_a_plain_path_gets_a_hint(tmp_path, rng):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(flat / f"{i}.png")
+    x, y = data.load_arrays(f"dir:{flat}")
+    assert len(x) == 3 and (y == data.UNLABELLED).all() and data.UNLABELLED == -1
+    with pytest.raises(TfbdError, match=f"unknown dataset '{flat}': did you mean dir:{flat}\\?"):
+        data.load(str(flat))
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 8, 8, 3), np.uint8), y=np.zeros(2, int))
+    with pytest.raises(TfbdError, match="did you mean npz:"):
+        data.load(str(tmp_path / "d.npz"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TfbdError, match="no class sub-folders and no image files"):
+        data.load(f"dir:{tmp_path / 'empty'}")

@@ -7,8 +7,12 @@ image scores ~1 and a black one ~0.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+import struct
+import zlib
 import subprocess
 import sys
 import warnings
@@ -95,7 +99,17 @@ def models(tmp_path_factory) -> dict:
              for kind in ("float", "softmax", "uint8", "int8", "vector")}
     built["random"] = folder / "random.tflite"
     built["random"].write_bytes(np.random.default_rng(1).integers(0, 256, 4096, np.uint8).tobytes())
+    for kind in ("float", "softmax", "uint8", "int8"):  # sidecars as the exporter writes them
+        write_sidecar(built[kind])
     return built
+
+
+def write_sidecar(model: Path, threshold: float = 0.5, **extra) -> Path:
+    side = {"threshold": threshold, "image_size": [SIZE, SIZE],
+            "sha256": hashlib.sha256(model.read_bytes()).hexdigest(), **extra}
+    path = model.with_suffix(".json")
+    path.write_text(json.dumps(side))
+    return path
 
 
 def solid(value: int, width: int = 40, height: int = 30) -> np.ndarray:
@@ -197,7 +211,7 @@ def make_image_folder(folder: Path) -> Path:
 
 def test_folder_reports_and_skips_broken_files(models, tmp_path, capsys):
     folder = make_image_folder(tmp_path / "imgs")
-    assert main(["--model", str(models["int8"]), str(folder)]) == 0
+    assert main(["--model", str(models["int8"]), str(folder)]) == 1  # unreadable files: exit 1
     out, err = capsys.readouterr()
     lines = records(out)
     by_name = {Path(r["source"]).name: r for r in lines[:-1]}
@@ -214,18 +228,90 @@ def test_folder_reports_and_skips_broken_files(models, tmp_path, capsys):
                                      "mean_latency_ms": lines[-1]["summary"]["mean_latency_ms"],
                                      "threshold": 0.5}}
     assert lines[-1]["summary"]["mean_latency_ms"] > 0
-    assert len(err.strip().splitlines()) == 2 and "text.png" in err and "cut.jpeg" in err
+    assert len(err.strip().splitlines()) == 3 and "text.png" in err and "cut.jpeg" in err
+    assert "2 input(s) missing, unreadable or empty" in err.strip().splitlines()[-1]
 
 
 def test_files_threshold_and_missing_source(models, tmp_path, capsys):
     Image.fromarray(solid(200)).save(tmp_path / "a.png")
     assert main(["--model", str(models["uint8"]), "--threshold", "0.9",
-                 str(tmp_path / "a.png"), str(tmp_path / "missing.jpg")]) == 0
+                 str(tmp_path / "a.png"), str(tmp_path / "missing.jpg")]) == 1
     lines = records(capsys.readouterr().out)
     assert lines[0]["verdict"] == "clean" and lines[0]["score"] == pytest.approx(200 / 255, abs=0.01)
     assert lines[1] == {"source": str(tmp_path / "missing.jpg"), "error": "no such file or directory"}
     assert lines[2]["summary"]["threshold"] == 0.9
     assert (lines[2]["summary"]["n"], lines[2]["summary"]["errors"]) == (1, 1)
+
+
+def bomb_png(path: Path, width: int, height: int) -> Path:
+    """A valid PNG header declaring ``width x height`` with only a few rows of data (a few KB)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (3 * width + 1) * 4)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_refused_before_decoding(models, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    bomb_png(folder / "bomb.png", 12000, 12000)  # 144 MP: Pillow alone only warns (432 MB decoded)
+    Image.fromarray(solid(250)).save(folder / "ok.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        assert main(["--model", str(models["float"]), str(folder)]) == 1
+    lines = records(capsys.readouterr().out)
+    assert lines[0]["source"].endswith("bomb.png")
+    assert lines[0]["error"].startswith("image too large: its header declares 12000x12000 = 144.0 megapixels")
+    assert lines[1]["verdict"] == "poisoned" and lines[2]["summary"]["errors"] == 1
+    monkeypatch.setenv("TFBD_MAX_PIXELS", "1000")  # configurable: 40 x 30 = 1200 px is now too large
+    assert main(["--model", str(models["float"]), str(folder / "ok.png")]) == 1
+    assert "more than the limit of 0.001" in records(capsys.readouterr().out)[0]["error"]
+
+
+def test_missing_input_or_empty_folder_exits_1_after_the_rest(models, tmp_path):
+    (tmp_path / "empty").mkdir()
+    Image.fromarray(solid(0)).save(tmp_path / "k.png")
+    result = cli("--model", str(models["float"]), str(tmp_path / "empty"), str(tmp_path / "k.png"))
+    assert result.returncode == 1
+    lines = records(result.stdout)
+    assert lines[0] == {"source": str(tmp_path / "empty"), "error": "no image files in this folder"}
+    assert lines[1]["verdict"] == "clean" and lines[2]["summary"]["n"] == 1
+    result = cli("--model", str(models["float"]), str(tmp_path / "k.png"))
+    assert result.returncode == 0
+
+
+def test_missing_sidecar_needs_threshold(models, tmp_path):
+    model = Path(shutil.copy(models["float"], tmp_path / "bare.tflite"))  # no sidecar beside it
+    with pytest.raises(ModelError, match="no threshold: no sidecar bare.json beside it; pass --threshold T"):
+        Screener(model)
+    assert Screener(model, threshold=0.7).threshold == 0.7
+    Image.fromarray(solid(250)).save(tmp_path / "w.png")
+    result = cli("--model", str(model), str(tmp_path / "w.png"))
+    assert result.returncode == 2 and result.stdout == ""
+    (message,) = our_stderr(result.stderr)
+    assert message.startswith(f"screen: {model}: no threshold")
+    assert cli("--model", str(model), "--threshold", "0.5", str(tmp_path / "w.png")).returncode == 0
+    write_sidecar(model, image_size=[SIZE, SIZE]).write_text(json.dumps({"image_size": [SIZE, SIZE]}))
+    with pytest.raises(ModelError, match="has no threshold"):
+        Screener(model)
+
+
+def test_sidecar_sha256_must_match_the_model(models, tmp_path):
+    model = Path(shutil.copy(models["float"], tmp_path / "m.tflite"))
+    write_sidecar(model)
+    assert Screener(model).threshold == 0.5
+    shutil.copy(models["softmax"], model)  # the model swapped, the sidecar kept
+    with pytest.raises(ModelError, match="sha256 does not match"):
+        Screener(model, threshold=0.5)
+    Image.fromarray(solid(250)).save(tmp_path / "w.png")
+    result = cli("--model", str(model), str(tmp_path / "w.png"))
+    assert result.returncode == 2 and result.stdout == ""
+    (message,) = our_stderr(result.stderr)
+    assert message == (f"screen: {tmp_path / 'm.json'}: sha256 does not match {model} (the model was replaced, "
+                       "or the sidecar belongs to another model); use the sidecar exported with this model")
 
 
 def write_video(path: Path, frames: int = 10) -> Path:
@@ -256,7 +342,7 @@ def test_summary_only_and_broken_video(models, tmp_path, capsys):
     video = write_video(tmp_path / "clip.avi", frames=4)
     broken = tmp_path / "broken.mp4"
     broken.write_text("not a video")
-    assert main(["--model", str(models["float"]), "--summary-only", str(video), str(broken)]) == 0
+    assert main(["--model", str(models["float"]), "--summary-only", str(video), str(broken)]) == 1
     out, err = capsys.readouterr()
     (line,) = records(out)
     assert (line["summary"]["n"], line["summary"]["errors"]) == (4, 1)
@@ -309,7 +395,7 @@ def test_camera_that_cannot_open(models, monkeypatch, capsys):
         raise screen.UnreadableInput("cannot open camera (no such device, or it is busy)")
 
     monkeypatch.setattr(screen, "open_capture", refuse)
-    assert main(["--model", str(models["float"]), "--camera", "7"]) == 0
+    assert main(["--model", str(models["float"]), "--camera", "7"]) == 1
     lines = records(capsys.readouterr().out)
     assert lines[0]["source"] == "camera:7" and "cannot open camera" in lines[0]["error"]
     assert lines[1]["summary"]["errors"] == 1

@@ -3,9 +3,12 @@
 Specs (``load(spec)`` returns a ``tf.data.Dataset`` of ``(uint8 HxWx3 image, int64 label)``):
 
 * ``npz:PATH``: a ``.npz`` with arrays ``x`` (N, H, W, 3) or (N, H, W) uint8 and ``y`` (N,).
-* ``dir:PATH``: class sub-folders of image files of any size (label = sorted folder index);
-  resized to ``image_size``; greyscale expanded to RGB; unreadable files are skipped and listed
-  in a warning.
+* ``dir:PATH``: class sub-folders of image files of any size (label = sorted folder index),
+  or a flat folder of images without sub-folders (label -1: unlabelled, e.g. for ``scan``);
+  resized to ``image_size``; greyscale expanded to RGB. Unreadable files, images whose header
+  declares more than ``$TFBD_MAX_PIXELS`` pixels (default 40 million: refused before decoding),
+  symlink loops and class folders that link to the dataset folder or an ancestor are skipped and
+  reported (:func:`report_missing`). Symlinked folders are followed (each real folder once).
 * ``tfds:NAME[:SPLIT]``: ``tensorflow_datasets.load`` (needs internet or a prepared
   ``TFDS_DATA_DIR``).
 * ``crops:PATH[:N]``: ``N`` (default 20,000) seeded random square crops of the images in the
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from .errors import TfbdError
+from .errors import TfbdError, dataset_hint
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
 _TF_DECODABLE = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
@@ -72,9 +75,77 @@ class Source:
     labels: np.ndarray | None = None
     class_names: list | None = None
     image_size: int | None = None
+    problems: list | None = None  # (path, reason) of folders and links of a dir: tree that were skipped
 
     def __len__(self):
         return len(self.y) if self.y is not None else len(self.files)
+
+
+DEFAULT_MAX_PIXELS = 40_000_000
+UNLABELLED = -1  # the label of the images of a flat dir: folder (no class sub-folders)
+
+
+class SkippedItems(UserWarning):
+    """Items of a dataset that were skipped; ``items`` holds their ``(id, reason)`` pairs."""
+
+    def __init__(self, message, items=()):
+        super().__init__(message)
+        self.items = list(items)
+
+
+def max_pixels() -> int:
+    """The largest pixel count (width x height, as declared in an image's header) that is decoded:
+    ``$TFBD_MAX_PIXELS`` or 40 million. Larger images (decompression bombs: a 1.5 MB PNG can declare
+    23000 x 23000 px, 1.6 GB decoded) are skipped and reported instead."""
+    text = os.environ.get("TFBD_MAX_PIXELS", "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(text))
+    except (ValueError, OverflowError):
+        value = 0
+    if value <= 0:
+        raise TfbdError(f"TFBD_MAX_PIXELS must be a positive pixel count (got '{text}')")
+    return value
+
+
+def file_id(path: str) -> str:
+    """The id (report name) of a file: its path, with the bytes of a name that is not valid UTF-8
+    shown as ``\\xNN`` (the file itself is still read through its real name)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _too_large(w, h, limit, pixels=None):
+    size = f"{w}x{h} = " if w else ""
+    pixels = w * h if pixels is None else pixels
+    return (f"image too large: its header declares {size}{pixels / 1e6:.1f} megapixels, more than the limit of "
+            f"{limit / 1e6:g} (set TFBD_MAX_PIXELS to change it); not decoded")
+
+
+def diagnose(path) -> str:
+    """Why the image file ``path`` was not usable, from its header only (never decoded)."""
+    from PIL import Image
+
+    limit = max_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+    except Image.DecompressionBombError as e:   # beyond Pillow's own limit: it gives only the pixel count
+        import re
+
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        return _too_large(0, 0, limit, int(found.group(1))) if found else f"image too large ({e}); not decoded"
+    except FileNotFoundError:
+        return "file not found (removed while reading?)"
+    except Exception:
+        return "unreadable or corrupt image"
+    return _too_large(w, h, limit) if w * h > limit else "unreadable or corrupt image"
 
 
 def _check_arrays(spec, x, y):
@@ -114,22 +185,84 @@ def _load_npz(spec, path):
     return Source(spec, x=x, y=y, image_size=x.shape[1])
 
 
+def _is_image_file(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+
+
+def _walk_images(top: Path, seen: set, ancestors: frozenset, problems: list) -> list:
+    """Image files under ``top``, following symlinked folders: a folder that links back to one of its
+    ancestors (a loop) or to a folder already listed is not entered and is added to ``problems``."""
+    try:
+        st = os.stat(top)
+    except OSError as e:
+        problems.append((str(top), f"folder not readable ({e.strerror or type(e).__name__}); skipped"))
+        return []
+    key = (st.st_dev, st.st_ino)
+    if key in ancestors:
+        problems.append((str(top), f"symlink loop (links back to {os.path.realpath(top)}); not followed"))
+        return []
+    if key in seen:
+        problems.append((str(top), f"links to {os.path.realpath(top)}, already listed; not followed "
+                                   "(its images would be counted twice)"))
+        return []
+    seen.add(key)
+    try:
+        with os.scandir(top) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        problems.append((str(top), f"folder not readable ({e.strerror or type(e).__name__}); skipped"))
+        return []
+    files = []
+    for e in entries:   # DirEntry: file types from the directory listing, no stat per file
+        try:
+            is_dir = e.is_dir()
+            is_image = not is_dir and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file()
+            broken = not (is_dir or is_image) and e.is_symlink() and not os.path.exists(e.path)
+        except OSError:   # ELOOP: a link to itself
+            is_dir = is_image = False
+            broken = True
+        if is_dir:
+            files.extend(_walk_images(top / e.name, seen, ancestors | {key}, problems))
+        elif is_image:
+            files.append(top / e.name)
+        elif broken:
+            problems.append((e.path, "broken symlink or symlink loop; skipped"))
+    return files
+
+
 def _list_dir(spec, path):
+    """List a ``dir:`` tree: class sub-folders (label = index in the sorted folder names) or, when it
+    has none, a flat folder of images (label :data:`UNLABELLED`). Never decodes a file."""
     path = Path(path)
     if not path.is_dir():
         raise TfbdError(f"{spec}: directory not found: {path}")
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    entries = sorted(path.iterdir())
+    classes = [p.name for p in entries if p.is_dir()]
+    problems = [(str(p), "broken symlink or symlink loop; skipped")
+                for p in entries if p.is_symlink() and not p.exists()]
     if not classes:
-        raise TfbdError(f"{spec}: {path} has no class sub-folders")
+        flat = [str(p) for p in entries if _is_image_file(p)]
+        if not flat:
+            raise TfbdError(f"{spec}: {path} has no class sub-folders and no image files")
+        return Source(spec, files=flat, labels=np.full(len(flat), UNLABELLED, np.int64), class_names=[],
+                      problems=problems)
+    root = os.stat(path)
+    root_key = (root.st_dev, root.st_ino)
+    real_root = Path(os.path.realpath(path))
+    seen = {root_key}
     files, labels = [], []
     for i, c in enumerate(classes):
-        for f in sorted((path / c).rglob("*")):
-            if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file():
-                files.append(str(f))
-                labels.append(i)
+        real = Path(os.path.realpath(path / c))
+        if real == real_root or real in real_root.parents:
+            problems.append((str(path / c), f"class folder links to {real}, the dataset folder or one of its parents; "
+                                            "skipped (its images would be listed again under a wrong label)"))
+            continue
+        found = sorted(_walk_images(path / c, seen, frozenset({root_key}), problems))
+        files.extend(str(f) for f in found)
+        labels.extend([i] * len(found))
     if not files:
         raise TfbdError(f"{spec}: no image files under {path}")
-    return Source(spec, files=files, labels=np.asarray(labels, np.int64), class_names=classes)
+    return Source(spec, files=files, labels=np.asarray(labels, np.int64), class_names=classes, problems=problems)
 
 
 def _load_tfds(spec, name, split):
@@ -245,7 +378,7 @@ def resolve(spec: str, image_size: int | None = None) -> Source:
         return _load_crops(spec, folder, n, int(image_size or 32))
     known = ", ".join(list(SHORT_NAMES) + list(CROP_SOURCES) + ["npz:PATH", "dir:PATH", "tfds:NAME[:SPLIT]",
                                                                  "crops:PATH[:N]"])
-    raise TfbdError(f"unknown dataset '{spec}' (known: {known})")
+    raise TfbdError(f"unknown dataset '{spec}'{dataset_hint(spec)} (known: {known})")
 
 
 def _resize_uint8(img, size):
@@ -259,17 +392,88 @@ def _resize_uint8(img, size):
     return tf.ensure_shape(out, (size, size, 3))
 
 
-def _decode_file(path, size):
+def _bytes_at(data, start, n):
+    return tf.cast(tf.io.decode_raw(tf.strings.substr(data, start, n), tf.uint8), tf.int64)
+
+
+def _pil_pixels(path) -> np.int64:
+    """Pixel count declared in the header of ``path`` (Pillow, lazy: nothing decoded); 0 when
+    Pillow cannot tell (decoding will decide), a huge number for Pillow's own bomb limit."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path) as im:
+                return np.int64(im.size[0] * im.size[1])
+    except Image.DecompressionBombError:
+        return np.int64(2 ** 62)
+    except Exception:
+        return np.int64(0)
+
+
+def _declared_pixels(data, path):
+    """Width x height as declared by the header of the encoded image ``data`` (no decoding):
+    PNG, GIF, BMP and JPEG in the graph, any other format through Pillow."""
+    n = tf.strings.length(data)
+    head = tf.strings.substr(data, 0, 8)
+
+    def png():
+        b = _bytes_at(data, 16, 8)
+        w = ((b[0] * 256 + b[1]) * 256 + b[2]) * 256 + b[3]
+        h = ((b[4] * 256 + b[5]) * 256 + b[6]) * 256 + b[7]
+        return tf.minimum(w, 2 ** 31) * tf.minimum(h, 2 ** 31)  # no int64 overflow for forged sizes
+
+    def gif():
+        b = _bytes_at(data, 6, 4)
+        return (b[0] + 256 * b[1]) * (b[2] + 256 * b[3])
+
+    def bmp():
+        b = _bytes_at(data, 18, 8)
+        w = b[0] + 256 * (b[1] + 256 * (b[2] + 256 * b[3]))
+        h = b[4] + 256 * (b[5] + 256 * (b[6] + 256 * b[7]))
+        signed = lambda v: tf.where(v >= 2 ** 31, 2 ** 32 - v, v)  # noqa: E731  (bottom-up BMPs: negative)
+        return tf.minimum(signed(w), 2 ** 31) * tf.minimum(signed(h), 2 ** 31)
+
+    def jpeg():
+        s = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
+        return s[0] * s[1]
+
+    def other():
+        return tf.reshape(tf.numpy_function(_pil_pixels, [path], tf.int64, stateful=False), [])
+
+    return tf.case([
+        (tf.logical_and(tf.equal(head, b"\x89PNG\r\n\x1a\n"), n >= 24), png),
+        (tf.logical_and(tf.strings.regex_full_match(tf.strings.substr(data, 0, 6), "GIF8[79]a"), n >= 10), gif),
+        (tf.logical_and(tf.equal(tf.strings.substr(data, 0, 2), b"BM"), n >= 26), bmp),
+        (tf.io.is_jpeg(data), jpeg),
+    ], default=other, exclusive=False)
+
+
+def _decode_file(path, size, limit=None):
+    """Decode and resize one file; an image whose header declares more than ``limit`` pixels
+    (default :func:`max_pixels`) fails before it is decoded."""
     data = tf.io.read_file(path)
-    img = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
+    limit = max_pixels() if limit is None else limit
+    check = tf.debugging.assert_less_equal(_declared_pixels(data, path), tf.constant(limit, tf.int64),
+                                           message="image too large")
+    with tf.control_dependencies([check]):
+        img = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
     return _resize_uint8(img, size)
 
 
-def _decode_with_pil(path: str, size: int) -> np.ndarray:
-    """Pillow fallback for formats TensorFlow cannot decode (webp, tiff, ppm)."""
+def _decode_with_pil(path: str, size: int, limit: int | None = None) -> np.ndarray:
+    """Pillow fallback for formats TensorFlow cannot decode (webp, tiff, ppm); refuses an image whose
+    header declares more than ``limit`` pixels before decoding it."""
     from PIL import Image
 
-    with Image.open(path) as im:
+    limit = max_pixels() if limit is None else limit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(path)
+    with im:
+        if im.size[0] * im.size[1] > limit:
+            raise ValueError(_too_large(im.size[0], im.size[1], limit))
         im = im.convert("RGB")
         if im.size != (size, size):
             im = im.resize((size, size), Image.BILINEAR)
@@ -331,11 +535,16 @@ def load(spec: str, image_size: int | None = None, limit: int | None = None, see
 
 def _file_dataset(spec, files, labels, size, with_ids, skipped):
     tf_ok = np.asarray([f.lower().endswith(_TF_DECODABLE) for f in files], bool)
+    limit = max_pixels()
 
-    def decode(path, label):
-        return _decode_file(path, size), label, path
+    def decode(path, label, ident):
+        return _decode_file(path, size, limit), label, ident
 
-    ds = tf.data.Dataset.from_tensor_slices((np.asarray(files)[tf_ok], labels[tf_ok]))
+    # Paths go to TensorFlow as raw bytes (a name that is not valid UTF-8 is still read); the ids
+    # reported are file_id()s, valid UTF-8.
+    paths = np.asarray([os.fsencode(f) for f in files] or [b""], object)[:len(files)]
+    ids = np.asarray([file_id(f) for f in files], object)
+    ds = tf.data.Dataset.from_tensor_slices((paths[tf_ok].astype(bytes), labels[tf_ok], ids[tf_ok].astype(str)))
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # Decoding errors (corrupt or non-image files) drop the element; which ones is found by
     # comparing the ids that came through with the file list (see report_missing).
@@ -346,7 +555,7 @@ def _file_dataset(spec, files, labels, size, with_ids, skipped):
         def gen():
             for f, lab in others:
                 try:
-                    yield _decode_with_pil(f, size), lab, f
+                    yield _decode_with_pil(f, size, limit), lab, file_id(f)
                 except Exception:
                     continue
 
@@ -363,7 +572,11 @@ def load_arrays(spec: str, image_size: int | None = None, limit: int | None = No
 
     Files that fail to decode are skipped, listed in a warning and appended to ``skipped``.
     """
-    x, y, ids = materialize(load(spec, image_size, limit, seed, shuffle, with_ids=True), spec)
+    try:
+        x, y, ids = materialize(load(spec, image_size, limit, seed, shuffle, with_ids=True), spec)
+    except TfbdError:
+        report_missing(spec, [], limit, seed, shuffle, skipped)   # say why, then fail
+        raise
     report_missing(spec, ids, limit, seed, shuffle, skipped)
     return x, y
 
@@ -386,7 +599,7 @@ def expected_ids(spec: str, limit: int | None = None, seed: int = 0, shuffle: bo
     for part in [p for p in spec.split("+") if p.strip()]:
         src = resolve(part)
         idx = _subset(len(src), limit, seed, shuffle)
-        out.extend([src.files[i] for i in idx] if src.files is not None else [f"{part}#{i}" for i in idx])
+        out.extend([file_id(src.files[i]) for i in idx] if src.files is not None else [f"{part}#{i}" for i in idx])
     return out
 
 
@@ -397,17 +610,29 @@ def _is_file_source(part: str) -> bool:
 
 
 def report_missing(spec, seen_ids, limit=None, seed=0, shuffle=None, skipped=None) -> list:
-    """Warn about (and append to ``skipped``) the items of ``spec`` that were not in ``seen_ids``.
+    """Warn about (and append to ``skipped``) the items of ``spec`` that were not in ``seen_ids``,
+    and the folders and links of its ``dir:`` trees that were not followed.
 
     Only file sources can drop unreadable items (arrays are checked whole when loaded), so only
-    their file lists are compared; array sources are not loaded a second time.
+    their file lists are compared; array sources are not loaded a second time. Each skipped item
+    gets a reason (:func:`diagnose`: e.g. an image too large to decode, or unreadable). The one
+    warning is a :class:`SkippedItems` (``.items`` = the ``(id, reason)`` pairs).
     """
     seen = set(seen_ids)
-    file_parts = "+".join(p for p in spec.split("+") if p.strip() and _is_file_source(p))
-    missing = [i for i in expected_ids(file_parts, limit, seed, shuffle) if i not in seen] if file_parts else []
-    if missing:
-        msg = f"{spec}: skipped {len(missing)} unreadable file(s): " + ", ".join(missing[:10])
-        warnings.warn(msg + (" ..." if len(missing) > 10 else ""), stacklevel=3)
+    file_parts = [p for p in spec.split("+") if p.strip() and _is_file_source(p)]
+    items, missing = [], []
+    for part in file_parts:
+        src = resolve(part)
+        items.extend(src.problems or [])
+        idx = _subset(len(src), limit, seed, shuffle)
+        for i in idx:
+            if file_id(src.files[i]) not in seen:
+                missing.append(file_id(src.files[i]))
+                items.append((missing[-1], diagnose(src.files[i])))
+    if items:
+        listed = ", ".join(f"{i} ({r})" for i, r in items[:10])
+        msg = f"{spec}: skipped {len(items)} item(s): {listed}" + (" ..." if len(items) > 10 else "")
+        warnings.warn(SkippedItems(msg, items), stacklevel=3)
         if skipped is not None:
-            skipped.extend((m, "unreadable or corrupt image") for m in missing)
+            skipped.extend(items)
     return missing

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -24,7 +25,7 @@ import tensorflow as tf
 
 from . import data as data_mod
 from . import metrics, models, perturb, triggers
-from .errors import TfbdError
+from .errors import TfbdError, model_load_error
 from .atomic import atomic_path
 from .frequency import dct2d
 
@@ -117,7 +118,7 @@ def load(path=None) -> keras.Model:
     try:
         model = keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as e:
-        raise TfbdError(f"{path}: cannot load as a Keras model ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        raise model_load_error(path, e) from None
     try:
         spec_of(model)
     except TfbdError:
@@ -260,6 +261,8 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
         spec.info = {**spec.info, "calibration": {"n": int(n_cal), "target_fpr": target_fpr, "rule": calibration_rule,
                                                    "threshold": spec.threshold}}
     save(model, out)
+    # Only now, with the model saved, may the checkpoints go (a kill before this keeps them).
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     return model
 
 

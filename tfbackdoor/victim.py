@@ -27,7 +27,7 @@ from keras import layers
 
 from . import metrics
 from .atomic import atomic_path, sidecar_path
-from .errors import TfbdError
+from .errors import TfbdError, model_load_error
 
 TRIGGER_FILE_SUFFIXES = (".png", ".npy", ".jpg", ".jpeg", ".bmp")
 
@@ -108,8 +108,7 @@ def load(path) -> keras.Model:
     try:
         model = keras.saving.load_model(path, safe_mode=True, compile=False)
     except Exception as e:
-        msg = str(e).splitlines()[0][:160] if str(e) else ""
-        raise TfbdError(f"{path}: cannot load as a Keras model ({type(e).__name__}: {msg})") from None
+        raise model_load_error(path, e) from None
     if len(model.output_shape) != 2:
         raise TfbdError(f"{path}: not a classifier (output shape {model.output_shape}, expected (batch, classes))")
     return model
