@@ -10,7 +10,9 @@ from pathlib import Path
 
 import click
 
+_TF_LOG_PRESET = "TF_CPP_MIN_LOG_LEVEL" in os.environ   # a user's own setting wins over --verbose
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_VERBOSE = False
 
 
 def _quiet_tf():
@@ -19,11 +21,38 @@ def _quiet_tf():
 
     import tensorflow as tf
 
-    tf.get_logger().setLevel(logging.ERROR)
+    if not _VERBOSE:
+        tf.get_logger().setLevel(logging.ERROR)
     from tfbackdoor.detector import configure_logical_cpus
 
     configure_logical_cpus()
     return tf
+
+
+def _check(datasets=(), attacks=None, triggers=(), files=(), limits=()):
+    """Cheap checks before TensorFlow is imported, so typos fail in well under a second.
+
+    ``datasets``: specs (``None`` skipped); ``attacks``: an ``--attacks`` list; ``triggers``:
+    ``--trigger``-style strings; ``files``: ``(path, what)`` pairs (``None`` paths skipped);
+    ``limits``: ``(value, option)`` pairs that must be positive when given. Raises the same
+    ``TfbdError`` the loaders would (see :mod:`tfbackdoor.specs`).
+    """
+    from tfbackdoor import specs
+    from tfbackdoor.errors import TfbdError
+
+    for value, option in limits:
+        if value is not None and value <= 0:
+            raise TfbdError(f"{option} must be positive (got {value})")
+    for path, what in files:
+        specs.check_file(path, what)
+    for d in datasets:
+        if d is not None:
+            specs.check_dataset(d)
+    if attacks:
+        specs.check_attacks(attacks)
+    for t in triggers:
+        if t and str(t).strip():
+            specs.check_trigger(t)
 
 
 def keras_load(path):
@@ -84,8 +113,13 @@ def _resolve_attacks(names, trigger_file, mask, alpha, trigger_dir, image_size):
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tfbackdoor", prog_name="tfbd")
-def main():
+@click.option("--verbose", "-v", is_flag=True, help="Show TensorFlow's start-up and runtime log lines (hidden by default).")
+def main(verbose=False):
     """tfbackdoor: find and make backdoor triggers through the frequency domain."""
+    global _VERBOSE
+    _VERBOSE = verbose
+    if verbose and not _TF_LOG_PRESET:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
 
 
 # --------------------------------------------------------------------------------- spectrum
@@ -103,6 +137,7 @@ def main():
 @handle_errors
 def spectrum(dataset, attacks, trigger_file, mask, alpha, trigger_dir, limit, image_size, seed, out, json_out):
     """Mean DCT spectrum of clean vs triggered images, and high-frequency energy ratios."""
+    _check([dataset], attacks, files=[(trigger_file, "trigger file"), (mask, "trigger file")], limits=[(limit, "--limit")])
     _quiet_tf()
     from tfbackdoor import analysis, data
 
@@ -168,6 +203,7 @@ def _benign(text, seed):
 def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, limit, lr, no_benign, benign_spec,
                    strategy, log_dir, target_fpr, calibration_rule, init, seed):
     """Train a detector on clean images vs random manipulations (never a real trigger)."""
+    _check([dataset], files=[(init, "detector file")], limits=[(limit, "--limit")])
     _quiet_tf()
     from tfbackdoor import data, detector
 
@@ -214,6 +250,7 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigg
              benign_spec, calibration_rule, seed, out):
     """Fine-tune a detector on clean samples of a new dataset (they are excluded from evaluation),
     or on clean vs trigger-patched samples (--trigger)."""
+    _check([dataset], triggers=(trigger or "").split(","), files=[(detector_path, "detector file")])
     _quiet_tf()
 
     import numpy as np
@@ -282,6 +319,10 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigg
 def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alpha, trigger_dir, benign, clean_spec,
              poisoned_spec, limit, threshold, seed, as_json, out):
     """ACC / BDR / FPR / AUROC per attack on a clean set and its triggered copies."""
+    pair = bool(clean_spec or poisoned_spec)
+    _check([clean_spec, poisoned_spec] if pair else [dataset], None if pair else attacks,
+           files=[(reference, "reference detector"), (None if reference else detector_path, "detector file"),
+                  (trigger_file, "trigger file"), (mask, "trigger file")], limits=[(limit, "--limit")])
     _quiet_tf()
     from tfbackdoor import analysis, detector, perturb
     from tfbackdoor.errors import TfbdError
@@ -405,7 +446,7 @@ def demo(out):
 @main.command()
 def datasets():
     """List the dataset specs and the short names found under $TFBD_DATA."""
-    from tfbackdoor import data
+    from tfbackdoor import specs as data   # TF-free: the same table and data_root as tfbackdoor.data
 
     click.echo("specs: npz:PATH  dir:PATH  tfds:NAME[:SPLIT]  A+B (concatenate)")
     click.echo(f"short names (under {data.data_root()}):")
@@ -450,6 +491,8 @@ def _class_name(spec, label):
 def train_victim_cmd(dataset, test_dataset, out, epochs, batch_size, lr, width, no_flip, poison_trigger, poison_rate,
                      target, limit, test_limit, image_size, num_classes, seed):
     """Train a victim classifier, optionally poisoned; prints clean ACC and ASR every epoch."""
+    _check([dataset, None if (test_dataset or "none").lower() == "none" else test_dataset], triggers=[poison_trigger],
+           limits=[(limit, "--limit"), (test_limit, "--test-limit")])
     _quiet_tf()
     from tfbackdoor import data, victim
     from tfbackdoor.atomic import sidecar_path
@@ -482,6 +525,7 @@ def train_victim_cmd(dataset, test_dataset, out, epochs, batch_size, lr, width, 
 @handle_errors
 def poison_cmd(dataset, trigger, rate, target, out, limit, image_size, seed):
     """Write a poisoned copy of a training set (dirty-label, as train-victim --poison does it)."""
+    _check([dataset], triggers=[trigger], limits=[(limit, "--limit")])
     _quiet_tf()
     from tfbackdoor import data, victim
     from tfbackdoor.atomic import sidecar_path
@@ -512,6 +556,8 @@ def poison_cmd(dataset, trigger, rate, target, out, limit, image_size, seed):
 @handle_errors
 def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, seed, detector_path, as_json, out):
     """Clean accuracy and attack success rate (ASR) of a victim for a trigger and target."""
+    _check([dataset], triggers=[trigger], files=[(model_path, "model file"), (detector_path, "detector file")],
+           limits=[(limit, "--limit")])
     _quiet_tf()
     from tfbackdoor import analysis, data, victim
 
@@ -561,6 +607,7 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
 def smooth_cmd(model_path, dataset, samples, fooling_rate, out, lam, step, max_passes, batch_size, holdout, target,
                image_size, seed):
     """Search a smooth (low-frequency) trigger on a victim: paper Algorithm 1."""
+    _check([dataset], files=[(model_path, "model file")], limits=[(samples, "--samples")])
     _quiet_tf()
     from tfbackdoor import analysis, data, smooth, triggers, victim
     from tfbackdoor.atomic import sidecar_path

@@ -38,30 +38,11 @@ from .errors import TfbdError, dataset_hint
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
 _TF_DECODABLE = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
-SHORT_NAMES = {
-    "cifar10:train": ("dir", "cifar10/train", 32),
-    "cifar10:test": ("dir", "cifar10/test", 32),
-    "cifar10:lossless": ("npz", "cifar10/lossless.npz", 32),
-    "gtsrb:train": ("npz", "gtsrb/train.npz", 32),
-    "gtsrb:test": ("npz", "gtsrb/test.npz", 32),
-    "tsrd:train": ("npz", "tsrd/train.npz", 32),
-    "tsrd:test": ("npz", "tsrd/test.npz", 32),
-    "lfw62": ("dir", "lfw62", 224),
-    "lfw62:train": ("dir", "lfw62", 224),
-    "lfw62:test": ("dir", "lfw62", 224),
-}
+# The short names, data_root and the crop sources live in the TF-free specs module (fast CLI checks).
+from .specs import CROP_SOURCES, DEFAULT_CROPS, SHORT_NAMES, data_root  # noqa: E402,F401
+
 # Sources without an official split get a fixed, seeded 80/20 one (by file, stratified by nothing).
 _SPLITS = {"lfw62:train": ("train", 0.8), "lfw62:test": ("test", 0.8)}
-CROP_SOURCES = {"photos:crops": "photos"}
-DEFAULT_CROPS = 20000
-
-
-def data_root() -> Path:
-    """``$TFBD_DATA`` or ``../shared/data`` relative to the repository root."""
-    env = os.environ.get("TFBD_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 @dataclass
