@@ -497,6 +497,10 @@ def load(spec: str, image_size: int | None = None, limit: int | None = None, see
         for d in dss[1:]:
             out = out.concatenate(d)
         return out
+    if spec.strip().partition(":")[0] in ("tfrecord", "tar"):   # sharded encoded images: tfbackdoor.shards
+        from . import shards
+
+        return shards.load(spec.strip(), image_size, limit, seed, shuffle, with_ids, skipped)
     src = resolve(spec, image_size)
     size = int(image_size or src.image_size or 32)
     idx = _subset(len(src), limit, seed, shuffle)
