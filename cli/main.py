@@ -61,15 +61,37 @@ def keras_load(path):
     return detector.load(path)
 
 
+def _warning_printer():
+    """A ``warnings.showwarning`` that prints each warning once, on one line, without Python's
+    source-line quote: ``tfbd: warning: ...``; skipped dataset items one line each with the reason."""
+    shown = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        items = getattr(message, "items", None)
+        lines = ([f"tfbd: skipped {ident}: {reason}" for ident, reason in items] if items
+                 else [f"tfbd: warning: {' '.join(str(message).split())}"])
+        for text in lines:
+            if text not in shown:
+                shown.add(text)
+                click.echo(text, err=True)
+
+    return show
+
+
 def handle_errors(fn):
-    """Print user errors (``TfbdError``) on one line and exit 2; let bugs show a traceback."""
+    """Print user errors (``TfbdError``) on one line and exit 2; let bugs show a traceback.
+    Warnings are printed once each, on one line (see :func:`_warning_printer`)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import warnings
+
         from tfbackdoor.errors import TfbdError
 
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _warning_printer()
+                return fn(*args, **kwargs)
         except TfbdError as e:
             click.echo(f"tfbd: error: {e}", err=True)
             sys.exit(2)
@@ -84,7 +106,7 @@ def _print_rows(rows, as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    cols = ["attack", "acc", "bdr", "fpr", "auroc", "n"]
+    cols = ["attack", "acc", "bdr", "fpr", "auroc"] + (["bdr_at_fpr"] if any("bdr_at_fpr" in r for r in rows) else []) + ["n"]
     width = max(12, *(len(str(r["attack"])) for r in rows))
     click.echo(f"{'attack':<{width}} " + " ".join(f"{c:>7}" for c in cols[1:]))
     for r in rows:
@@ -168,6 +190,22 @@ _calibration_rule_option = click.option(
          "each set (every dataset part, as is and after each benign variant) separately.")
 
 
+_manipulations_option = click.option(
+    "--manipulations", "manipulations", default="paper", show_default=True, metavar="KINDS",
+    help="Random manipulations of the poisoned side: paper (the paper's five), generic (those + mix, small_patch, "
+         "smooth_field, chroma_bump, warp) or comma-separated kinds (repeat a kind to weight it).")
+
+
+def _manipulation(text, seed):
+    """``--manipulations`` -> RandomManipulation, as a one-line error on an unknown kind."""
+    from tfbackdoor import perturb
+    from tfbackdoor.errors import TfbdError
+    try:
+        return perturb.RandomManipulation(kinds=perturb.parse_kinds(text), seed=seed)
+    except ValueError as e:
+        raise TfbdError(f"--manipulations: {e}") from None
+
+
 def _benign(text, seed):
     """``--benign KEY=VAL,...`` -> BenignProcessing, as a one-line error on a bad setting."""
     from tfbackdoor import perturb
@@ -191,6 +229,7 @@ def _benign(text, seed):
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--no-benign", is_flag=True, help="Skip the benign codec/colour processing of training images.")
 @_benign_option
+@_manipulations_option
 @click.option("--strategy", type=click.Choice(["default", "mirrored", "multiworker"]), default="default", show_default=True)
 @click.option("--log-dir", type=click.Path(), default=None, help="TensorBoard log directory.")
 @click.option("--target-fpr", type=float, default=0.5, show_default=True,
@@ -201,23 +240,23 @@ def _benign(text, seed):
 @click.option("--seed", type=int, default=0, show_default=True)
 @handle_errors
 def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, limit, lr, no_benign, benign_spec,
-                   strategy, log_dir, target_fpr, calibration_rule, init, seed):
+                   manipulations, strategy, log_dir, target_fpr, calibration_rule, init, seed):
     """Train a detector on clean images vs random manipulations (never a real trigger)."""
     _check([dataset], files=[(init, "detector file")], limits=[(limit, "--limit")])
     _quiet_tf()
     from tfbackdoor import data, detector
 
     benign = False if no_benign else (_benign(benign_spec, seed) if benign_spec else True)
+    manipulation = _manipulation(manipulations, seed)
     x, _ = data.load_arrays(dataset, image_size=image_size, limit=limit, seed=seed)
     info = {"dataset": dataset, "limit": limit, "epochs": epochs, "seed": seed,
             "benign": benign.get_config() if not isinstance(benign, bool) else benign,
-            "command": "tfbd " + " ".join(sys.argv[1:])}
+            "manipulations": list(manipulation.kinds), "command": "tfbd " + " ".join(sys.argv[1:])}
     click.echo(f"training {arch}/{domain} on {len(x)} clean images of {dataset} ({x.shape[1]}px), "
                f"{epochs} epochs; checkpoints in {out}.ckpt/ (rerun to resume)")
     detector.train(x, out, epochs=epochs, batch_size=batch_size, arch=arch, domain=domain, strategy=strategy,
                    log_dir=log_dir, seed=seed, lr=lr, benign=benign, info=info, target_fpr=target_fpr,
-                   calibration_rule=calibration_rule,
-                   init=init)
+                   calibration_rule=calibration_rule, init=init, manipulation=manipulation)
     click.echo(f"wrote {out} (threshold {detector.spec_of(keras_load(out)).threshold:.4f})")
 
 
@@ -231,6 +270,7 @@ def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, l
 @click.option("--repeat", type=int, default=10, show_default=True,
               help="Passes over the samples per epoch (1 for large sets).")
 @click.option("--lr", type=float, default=1e-4, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Clean images per batch (x2 inputs).")
 @click.option("--trigger", default=None,
               help="Make the poisoned side with this trigger (e.g. smooth:PATH.npy; a comma-separated list gives each "
                    "image one of them; smooth:random draws a new low-passed pattern per image) for --trigger-share of "
@@ -242,12 +282,13 @@ def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, l
 @click.option("--target-fpr", type=float, default=0.5, show_default=True,
               help="With --calibration: flag this %% of the held-out clean (and benign-processed) images.")
 @_benign_option
+@_manipulations_option
 @_calibration_rule_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), required=True)
 @handle_errors
-def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigger_share, calibration, target_fpr,
-             benign_spec, calibration_rule, seed, out):
+def finetune(detector_path, dataset, samples, epochs, repeat, lr, batch_size, trigger, trigger_share, calibration, target_fpr,
+             benign_spec, manipulations, calibration_rule, seed, out):
     """Fine-tune a detector on clean samples of a new dataset (they are excluded from evaluation),
     or on clean vs trigger-patched samples (--trigger)."""
     _check([dataset], triggers=(trigger or "").split(","), files=[(detector_path, "detector file")])
@@ -267,10 +308,11 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigg
         counts = counts * len(parts)
     if len(counts) != len(parts):
         raise TfbdError(f"--samples has {len(counts)} counts for {len(parts)} dataset parts ({dataset})")
-    if min(counts) < 1 or calibration < 0 or repeat < 1 or epochs < 1:
+    if min(counts) < 1 or calibration < 0 or repeat < 1 or epochs < 1 or batch_size < 1:
         raise TfbdError(f"--samples, --epochs, --repeat must be positive and --calibration >= 0 "
                         f"(got {samples}, {epochs}, {repeat}, {calibration})")
     benign = _benign(benign_spec, seed) if benign_spec else None
+    manipulation = _manipulation(manipulations, seed)
     model = detector.load(detector_path)
     spec = detector.spec_of(model)
     trig = None
@@ -292,11 +334,12 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigg
     poisoned = f"{trig.name} on {trigger_share:.0%} of them, random manipulations on the rest" if trig else "random manipulations"
     click.echo(f"fine-tuning on {len(x)} clean samples of {dataset} x {repeat} + as many poisoned ({poisoned}), "
                f"{epochs} epochs" + (f"; threshold from {sum(len(v) for v in x_cal)} held-out images" if calibration else ""))
-    detector.finetune(model, x, out, len(x), epochs=epochs, repeat=repeat, lr=lr, seed=seed, exclude=exclude,
+    detector.finetune(model, x, out, len(x), epochs=epochs, repeat=repeat, lr=lr, batch_size=batch_size, seed=seed,
+                      exclude=exclude,
                       source_spec=dataset,
                       trigger=trig, trigger_share=trigger_share, x_calibration=x_cal,
                       target_fpr=target_fpr if calibration else None, command="tfbd " + " ".join(sys.argv[1:]),
-                      benign=benign, calibration_rule=calibration_rule)
+                      benign=benign, calibration_rule=calibration_rule, manipulation=manipulation)
     click.echo(f"wrote {out} (threshold {detector.spec_of(keras_load(out)).threshold:.4f}; {len(ids)} samples "
                f"recorded as excluded from evaluation on {dataset})")
 
@@ -305,19 +348,22 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, trigger, trigg
 @click.option("--detector", "detector_path", type=click.Path(), default=None, help="Detector .keras (default: shipped).")
 @click.option("--reference", type=click.Path(), default=None, help="Evaluate the paper's HDF5 detector instead.")
 @click.option("--dataset", default=None, help="Clean images; triggered copies are made with --attacks.")
-@click.option("--attacks", default="all", show_default=True, help="Comma-separated attacks (all = the paper's 7).")
+@click.option("--attacks", default="all", show_default=True,
+              help="Comma-separated attacks: all = the paper's 7, zoo = 11 attacks of other papers, zoo+jpeg = five saved as JPEG 75/90; NAME+jpegQ for any.")
 @_attack_option
 @click.option("--benign", default="", help="Comma-separated benign variants to measure FPR on, or 'all'.")
 @click.option("--clean", "clean_spec", default=None, help="A clean set made elsewhere (with --poisoned).")
 @click.option("--poisoned", "poisoned_spec", default=None, help="A poisoned set made elsewhere (with --clean).")
 @click.option("--limit", type=int, default=None, help="Seeded subset of the dataset.")
 @click.option("--threshold", type=float, default=None, help="Override the detector's threshold.")
+@click.option("--at-fpr", type=float, default=None, metavar="PCT",
+              help="Also report bdr_at_fpr: the BDR at the threshold that flags PCT %% of the clean images (equal-FPR comparison).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (attack, acc, bdr, fpr, auroc, n).")
 @click.option("--out", type=click.Path(), default=None, help="Also write the JSON to this file.")
 @handle_errors
 def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alpha, trigger_dir, benign, clean_spec,
-             poisoned_spec, limit, threshold, seed, as_json, out):
+             poisoned_spec, limit, threshold, at_fpr, seed, as_json, out):
     """ACC / BDR / FPR / AUROC per attack on a clean set and its triggered copies."""
     pair = bool(clean_spec or poisoned_spec)
     _check([clean_spec, poisoned_spec] if pair else [dataset], None if pair else attacks,
@@ -338,7 +384,8 @@ def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alp
         size = detector.spec_of(model).image_size
         trigs = _resolve_attacks(attacks, trigger_file, mask, alpha, trigger_dir, size)
         variants = list(perturb.BENIGN_VARIANTS) if benign == "all" else [b for b in benign.split(",") if b]
-        rows = detector.evaluate_dataset(model, dataset, trigs, limit, seed, threshold, benign_variants=variants)
+        rows = detector.evaluate_dataset(model, dataset, trigs, limit, seed, threshold, benign_variants=variants,
+                                         at_fpr=at_fpr)
     if out:
         analysis.write_json(rows, out)
     _print_rows(rows, as_json)
@@ -346,20 +393,77 @@ def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alp
 
 @main.command()
 @click.option("--detector", "detector_path", type=click.Path(), default=None, help="Detector .keras (default: shipped).")
-@click.option("--dataset", required=True, help="The training set to screen.")
+@click.option("--dataset", required=True,
+              help="The training set to screen; dir:FOLDER may also be a flat folder of images (label -1 in the report).")
 @click.option("--out", type=click.Path(), required=True, help="CSV report (id, label, score, flagged).")
 @click.option("--threshold", type=float, default=None, help="Override the detector's threshold.")
-@click.option("--write-clean", default=None, help="npz:PATH to write the unflagged samples to.")
+@click.option("--write-clean", default=None,
+              help="npz:PATH to write the unflagged samples to (with --runner: tfrecord:PREFIX, sharded).")
 @click.option("--limit", type=int, default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--runner", type=click.Choice(["direct", "dataflow", "flink", "spark"]), default=None,
+              help="Run as an Apache Beam pipeline (needs the [beam] extra): --out is then a prefix of sharded CSV "
+                   "reports (PREFIX-SSSSS-of-NNNNN.csv) and PREFIX.dead-letter-*.csv lists unusable items.")
+@click.option("--num-workers", type=int, default=None,
+              help="With --runner: workers (direct: processes, default the CPU count; dataflow: VMs; flink: parallelism).")
+@click.option("--beam-option", "beam_options", multiple=True, metavar="KEY=VAL",
+              help="With --runner: a Beam pipeline option, e.g. project=P, region=R, temp_location=gs://B/tmp, "
+                   "flink_master=HOST:8081 (repeatable).")
 @handle_errors
-def scan(detector_path, dataset, out, threshold, write_clean, limit, seed):
+def scan(detector_path, dataset, out, threshold, write_clean, limit, seed, runner, num_workers, beam_options):
     """Score every sample of a dataset, flag suspects, optionally write the sanitised set."""
+    from tfbackdoor.errors import TfbdError
+
+    if runner is None and (num_workers is not None or beam_options):
+        raise TfbdError("--num-workers and --beam-option need --runner")
+    if runner is None and write_clean is not None and not str(write_clean).startswith("npz:"):
+        raise TfbdError(f"--write-clean must be npz:PATH (got '{write_clean}')")
+    if runner is not None and write_clean is not None and not str(write_clean).startswith("tfrecord:"):
+        raise TfbdError(f"--write-clean with --runner must be tfrecord:PREFIX (got '{write_clean}')")
+    remote = detector_path is not None and "://" in str(detector_path)
+    _check([dataset], files=[] if remote else [(detector_path, "detector file")], limits=[(limit, "--limit")])
+    if runner is not None:
+        try:
+            import apache_beam  # noqa: F401
+        except ImportError:
+            raise TfbdError("--runner needs Apache Beam: pip install 'tfbackdoor[beam]'") from None
+        _quiet_tf()
+        from tfbackdoor import beam_scan
+
+        summary = beam_scan.run(dataset, out, detector_path, threshold, write_clean, runner, num_workers,
+                                beam_options, limit=limit, seed=seed)
+        if summary["bad_items"]:
+            click.echo(f"tfbd: {summary['bad_items']} unusable item(s) listed in {summary['dead_letter']}", err=True)
+        click.echo(json.dumps(summary))
+        return
     _quiet_tf()
     from tfbackdoor import detector
 
     model = detector.load(detector_path)
+    # Skipped items are printed as they are met, one line each with the reason (handle_errors).
     summary = detector.scan(model, dataset, out, threshold, write_clean, limit=limit, seed=seed)
+    click.echo(json.dumps(summary))
+
+
+@main.command()
+@click.option("--dataset", required=True, help="Any dataset spec (see `tfbd datasets`).")
+@click.option("--out", required=True, help="tfrecord:PREFIX: writes PREFIX-SSSSS-of-NNNNN.tfrecord.")
+@click.option("--shards", type=int, default=8, show_default=True, help="Number of TFRecord files.")
+@click.option("--image-size", type=int, default=None, help="Resize images to this side (default: the source's).")
+@click.option("--limit", type=int, default=None, help="A seeded subset of N images.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def shard(dataset, out, shards, image_size, limit, seed):
+    """Write a dataset as TFRecord shards (lossless PNG, ids, labels) to move it to a cluster (`tfbd scan --runner`)."""
+    from tfbackdoor.errors import TfbdError
+
+    if not str(out).startswith("tfrecord:") or not str(out)[9:]:
+        raise TfbdError(f"--out must be tfrecord:PREFIX (got '{out}')")
+    _check([dataset], limits=[(limit, "--limit"), (shards, "--shards"), (image_size, "--image-size")])
+    _quiet_tf()
+    from tfbackdoor import shards as shards_mod
+
+    summary = shards_mod.write_shards(dataset, out, shards, image_size=image_size, limit=limit, seed=seed)
     for item in summary["skipped"]:
         click.echo(f"tfbd: skipped unreadable item: {item}", err=True)
     click.echo(json.dumps(summary))
@@ -410,7 +514,7 @@ def export_cmd(detector_path, out, quantize, calibration, calibration_size, fold
 @main.command("screen", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--model", type=click.Path(), default=None,
               help="Screener .tflite (default: saved_models/screener_cifar10_int8.tflite).")
-@click.option("--threshold", type=float, default=None, help="Poisoned if score >= T (default: the sidecar's, else 0.5).")
+@click.option("--threshold", type=float, default=None, help="Poisoned if score >= T (default: the sidecar's; required without one).")
 @click.option("--every", type=int, default=None, help="Process every N-th video/camera frame.")
 @click.argument("sources", nargs=-1, type=click.UNPROCESSED)
 def screen_cmd(model, threshold, every, sources):
@@ -418,7 +522,8 @@ def screen_cmd(model, threshold, every, sources):
 
     One JSON line per image/frame, then a summary. Other edge/screen.py options pass through
     (--camera IDX, --max-frames N, --resize crop|stretch, --threads N, --summary-only); see
-    edge/README.md. Exit 0 when the run finished, 2 on a usage or model error.
+    edge/README.md. Exit 0 when every input was screened, 1 when the run finished but an input was missing,
+    unreadable or too large or a folder had no images, 2 on a usage or model error.
     """
     from edge.screen import main as edge_main
 
@@ -448,7 +553,7 @@ def datasets():
     """List the dataset specs and the short names found under $TFBD_DATA."""
     from tfbackdoor import specs as data   # TF-free: the same table and data_root as tfbackdoor.data
 
-    click.echo("specs: npz:PATH  dir:PATH  tfds:NAME[:SPLIT]  A+B (concatenate)")
+    click.echo("specs: npz:PATH  dir:PATH  tfds:NAME[:SPLIT]  tfrecord:GLOB  tar:GLOB  A+B (concatenate)")
     click.echo(f"short names (under {data.data_root()}):")
     for name, (_, rel, _) in data.SHORT_NAMES.items():
         ok = (data.data_root() / rel).exists()
@@ -587,6 +692,53 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
             click.echo(f"behind the screener ({detector_path}): ASR {row['asr_screened']:.2f}%  "
                        f"(triggered inputs rejected {row['bdr']:.2f}%, clean inputs rejected {row['fpr']:.2f}%, "
                        f"clean accepted and correct {row['acc_screened']:.2f}%)")
+
+
+@main.command("defend")
+@click.option("--dataset", default="cifar10:train", show_default=True, help="The clean training set to poison.")
+@click.option("--test-dataset", default="cifar10:test", show_default=True, help="Labelled test images (ACC and ASR).")
+@click.option("--attacks", required=True, help="Comma-separated attacks (names, smooth:PATH.npy, pattern files).")
+@click.option("--rate", type=float, default=0.1, show_default=True, help="Share of the training set poisoned.")
+@click.option("--target", type=int, default=0, show_default=True, help="Backdoor target label.")
+@click.option("--detector", "detector_path", type=click.Path(), default=None, help="Detector .keras (default: shipped).")
+@click.option("--threshold", type=float, default=None, help="Screen threshold (default: the detector's).")
+@click.option("--remove-top", type=float, default=0.0, show_default=True, metavar="PCT",
+              help="Also remove the PCT %% highest-scoring samples (a stricter operating point for training sets).")
+@click.option("--epochs", type=int, default=10, show_default=True, help="Victim epochs (the same for every victim).")
+@click.option("--width", type=int, default=32, show_default=True, help="Victim width.")
+@click.option("--limit", type=int, default=None, help="Seeded subset of the training set.")
+@click.option("--test-limit", type=int, default=None, help="Seeded subset of the test set.")
+@click.option("--no-clean-reference", is_flag=True, help="Skip the victim trained on the clean set (reference ACC).")
+@click.option("--out-dir", type=click.Path(), required=True, help="Folder for the victims (one .keras + .json each).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--out", type=click.Path(), default=None, help="Also write the JSON rows to this file.")
+@handle_errors
+def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, threshold, remove_top, epochs, width, limit,
+               test_limit, no_clean_reference, out_dir, seed, as_json, out):
+    """Poison -> scan -> train on what is left -> attack-eval, for each attack; one table."""
+    _check([dataset, test_dataset], triggers=attacks.split(","), files=[(detector_path, "detector file")],
+           limits=[(limit, "--limit"), (test_limit, "--test-limit"), (epochs, "--epochs")])
+    _quiet_tf()
+    from tfbackdoor import analysis, data, defend, detector
+
+    det = detector.load(detector_path)
+    size = detector.spec_of(det).image_size
+    x, y = data.load_arrays(dataset, image_size=size, limit=limit, seed=seed)
+    test = data.load_arrays(test_dataset, image_size=size, limit=test_limit, seed=seed)
+    rows = defend.defend(x, y, test, [a for a in attacks.split(",") if a.strip()], det, out_dir, rate=rate,
+                         target=target, threshold=threshold, remove_top=remove_top, epochs=epochs, width=width,
+                         seed=seed, echo=click.echo, clean_reference=not no_clean_reference)
+    if out:
+        analysis.write_json({"command": "tfbd " + " ".join(sys.argv[1:]), "rows": rows}, out)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    cols = ["recall", "precision", "clean_removed", "n_poisoned_kept", "acc", "acc_drop", "asr", "asr_screened"]
+    click.echo("| attack | " + " | ".join(cols) + " |")
+    click.echo("|---|" + "---|" * len(cols))
+    for r in rows:
+        click.echo(f"| {r['attack']} | " + " | ".join("-" if r.get(c) is None else str(r[c]) for c in cols) + " |")
 
 
 @main.command("smooth")

@@ -51,7 +51,7 @@ def training_dataset(x, batch_size=64, seed=0, domain="dct", benign=None, manipu
       domain: ``"dct"`` or ``"image"``.
       benign: a :class:`~tfbackdoor.perturb.BenignProcessing` (``None``: the default one;
         ``False``: none).
-      manipulation: a :class:`~tfbackdoor.perturb.RandomManipulation` (default: all five).
+      manipulation: a :class:`~tfbackdoor.perturb.RandomManipulation` (default: the paper's five).
       repeat: pass over ``x`` this many times per epoch (for tiny fine-tuning sets).
       extra_poison: optional trigger (callable on uint8 batches) that makes the poisoned sample
         instead of a random manipulation for a random ``extra_share`` of the pairs (the
@@ -210,7 +210,8 @@ def calibrate_threshold(model, x, target_fpr=0.5, variants=None, rule="pooled") 
 
 def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_size=None, strategy="default",
           log_dir=None, seed=0, lr=1e-3, benign=True, info=None, verbose="auto", model=None,
-          extra_poison=None, calibration=0.04, target_fpr=0.5, init=None, calibration_rule="pooled"):
+          extra_poison=None, calibration=0.04, target_fpr=0.5, init=None, calibration_rule="pooled",
+          manipulation=None):
     """Train a detector on clean uint8 images ``x`` and save it to ``out`` (atomically).
 
     A seeded ``calibration`` share of ``x`` (at most 2,000 images) is held out of training and
@@ -221,6 +222,7 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
     normalization) of an existing detector ``.keras`` instead of a fresh model; its architecture,
     domain and input size must match. ``benign``: ``True`` (the default random benign processing
     before the clean/poisoned split), ``False`` (none) or a :class:`~tfbackdoor.perturb.BenignProcessing`.
+    ``manipulation``: a :class:`~tfbackdoor.perturb.RandomManipulation` (default: the paper's five).
     Returns the model.
     """
     keras.utils.set_random_seed(seed)
@@ -248,7 +250,7 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
         benign = None
     elif benign is not False and not isinstance(benign, perturb.BenignProcessing):
         raise TfbdError(f"benign must be True, False or a BenignProcessing (got {benign!r})")
-    train_ds = training_dataset(x_train, batch_size, seed, domain, benign, extra_poison=extra_poison)
+    train_ds = training_dataset(x_train, batch_size, seed, domain, benign, manipulation, extra_poison=extra_poison)
     callbacks = [keras.callbacks.BackupAndRestore(str(ckpt_dir / "backup"))]
     if log_dir:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir)))
@@ -269,7 +271,7 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
 def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr=1e-4, seed=0,
              source_spec=None, sample_ids=None, verbose="auto", trigger=None, trigger_share=0.5,
              x_calibration=None, target_fpr=None, exclude=None, command=None, benign=None,
-             calibration_rule="pooled"):
+             calibration_rule="pooled", manipulation=None):
     """Fine-tune ``model`` on clean images ``x`` and save it to ``out`` (atomically).
 
     Two uses:
@@ -287,14 +289,15 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
     (held-out clean images, not in ``x``; an array or a list of arrays, one per source) and
     ``target_fpr``, the threshold is set again (:func:`calibrate_threshold` with
     ``calibration_rule``); otherwise it is kept. ``benign``: a
-    :class:`~tfbackdoor.perturb.BenignProcessing` (``None``: the default one).
+    :class:`~tfbackdoor.perturb.BenignProcessing` (``None``: the default one). ``manipulation``: a
+    :class:`~tfbackdoor.perturb.RandomManipulation` (``None``: the paper's five).
     """
     spec = spec_of(model)
     if trigger is not None and not 0 < trigger_share <= 1:
         raise TfbdError(f"--trigger-share must be in (0, 1] (got {trigger_share})")
     keras.utils.set_random_seed(seed)
     _compile(model, lr)
-    ds = training_dataset(x, batch_size, seed, spec.domain, benign, repeat=repeat, extra_poison=trigger,
+    ds = training_dataset(x, batch_size, seed, spec.domain, benign, manipulation, repeat=repeat, extra_poison=trigger,
                           extra_share=trigger_share)
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2   # no progress-bar redraws in logs
@@ -307,7 +310,8 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
         for part, ids in exclude.items():
             excl[part] = sorted(set(excl.get(part, [])) | set(ids))
         spec.info = {**spec.info, "exclude": excl}
-    record = {"n": int(len(x)), "epochs": epochs, "repeat": repeat, "lr": lr, "source": source_spec, "command": command}
+    record = {"n": int(len(x)), "epochs": epochs, "repeat": repeat, "lr": lr, "source": source_spec, "command": command,
+              "manipulations": list((manipulation or perturb.RandomManipulation()).kinds)}
     if trigger is not None:
         record.update({"trigger": getattr(trigger, "name", str(trigger)), "trigger_share": trigger_share})
     n_cal = sum(len(v) for v in _sources(x_calibration))
@@ -377,21 +381,36 @@ def load_eval_images(model, dataset, limit=None, seed=0, also=()):
     return x if limit is None else x[:limit]
 
 
-def evaluate_images(model, x, attacks, threshold=None, benign_variants=()) -> list:
+def evaluate_images(model, x, attacks, threshold=None, benign_variants=(), at_fpr=None) -> list:
     """One report per attack (see :func:`tfbackdoor.metrics.detection_report`) on clean ``x``.
 
     ``benign_variants`` (names from :data:`tfbackdoor.perturb.BENIGN_VARIANTS`) add rows whose
     "poisoned" side is benign processing: their ``fpr`` is the clean flag rate and their ``bdr``
     the flag rate of the processed images (a false-positive rate too, lower is better).
+
+    A trigger with a ``clean_transform`` (uint8 batch -> uint8 batch, e.g. the JPEG round trip of
+    :class:`tfbackdoor.zoo.JpegTrigger`) is compared against ``clean_transform(x)``: that row's
+    ``fpr`` and ``auroc`` use the clean images processed the same way (scored once per distinct
+    transform). For ``clean+jpegQ`` both sides are the round trip, so its ``bdr`` = ``fpr`` is
+    the flag rate of JPEG-saved clean images.
+
+    ``at_fpr`` (a percentage, e.g. 1.0) adds ``bdr_at_fpr`` to each attack row: the BDR at the
+    threshold that flags that share of the row's clean images, to compare detectors at equal FPR.
     """
     spec = spec_of(model)
     thr = spec.threshold if threshold is None else threshold
     clean = score(model, x)
     rows = [{"attack": "clean", "acc": round(100 - metrics.flag_rate(clean, thr), 2), "bdr": None,
              "fpr": round(metrics.flag_rate(clean, thr), 2), "auroc": None, "n": int(len(x))}]
+    clean_by_transform = {}
     for t in attacks:
         trig = np.concatenate([t(x[i:i + 1024]).numpy() for i in range(0, len(x), 1024)])
-        rows.append(metrics.detection_report(t.name, clean, score(model, trig), thr))
+        ct = getattr(t, "clean_transform", None)
+        if ct is not None and ct not in clean_by_transform:
+            proc = np.concatenate([np.asarray(ct(x[i:i + 1024])) for i in range(0, len(x), 1024)])
+            clean_by_transform[ct] = score(model, proc)
+        rows.append(metrics.detection_report(t.name, clean if ct is None else clean_by_transform[ct],
+                                             score(model, trig), thr, at_fpr))
     for name in benign_variants:
         fn = perturb.BENIGN_VARIANTS.get(name)
         if fn is None:
@@ -404,11 +423,11 @@ def evaluate_images(model, x, attacks, threshold=None, benign_variants=()) -> li
 
 
 def evaluate_dataset(model, dataset, attacks="all", limit=None, seed=0, threshold=None, trigger_dir=None,
-                     benign_variants=()) -> list:
+                     benign_variants=(), at_fpr=None) -> list:
     spec = spec_of(model)
     x = load_eval_images(model, dataset, limit, seed)
     trigs = triggers.expand(attacks, spec.image_size, trigger_dir) if isinstance(attacks, str) else attacks
-    return evaluate_images(model, x, trigs, threshold, benign_variants)
+    return evaluate_images(model, x, trigs, threshold, benign_variants, at_fpr)
 
 
 def evaluate_sets(model, clean_spec, poisoned_spec, threshold=None) -> list:
