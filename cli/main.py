@@ -78,6 +78,24 @@ def _warning_printer():
     return show
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the atomic writers remove their temporary files on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def install_signal_handlers():
+    """SIGTERM (kill, systemd, docker stop, a batch scheduler) -> the same clean exit as Ctrl-C (exit 143)."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:   # not the main thread (e.g. an embedding test runner): keep the default
+        pass
+
+
 def handle_errors(fn):
     """Print user errors (``TfbdError``) on one line and exit 2; let bugs show a traceback.
     Warnings are printed once each, on one line (see :func:`_warning_printer`)."""
@@ -95,9 +113,10 @@ def handle_errors(fn):
         except TfbdError as e:
             click.echo(f"tfbd: error: {e}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("tfbd: interrupted (outputs are written atomically: nothing partial was left)", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            what = "terminated" if isinstance(e, Terminated) else "interrupted"
+            click.echo(f"tfbd: {what} (outputs are written atomically: nothing partial was left)", err=True)
+            sys.exit(143 if isinstance(e, Terminated) else 130)
 
     return wrapper
 
@@ -140,6 +159,7 @@ def main(verbose=False):
     """tfbackdoor: find and make backdoor triggers through the frequency domain."""
     global _VERBOSE
     _VERBOSE = verbose
+    install_signal_handlers()
     if verbose and not _TF_LOG_PRESET:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
 

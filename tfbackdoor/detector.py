@@ -12,6 +12,7 @@ them. Inputs then go through :func:`tfbackdoor.frequency.dct2d` inside the pipel
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import sys
@@ -26,7 +27,7 @@ import tensorflow as tf
 from . import data as data_mod
 from . import metrics, models, perturb, triggers
 from .errors import TfbdError, model_load_error
-from .atomic import atomic_path
+from .atomic import atomic_path, atomic_paths
 from .frequency import dct2d
 
 DEFAULT_DETECTOR = Path(__file__).resolve().parent.parent / "saved_models" / "detector_cifar10.keras"
@@ -208,6 +209,49 @@ def calibrate_threshold(model, x, target_fpr=0.5, variants=None, rule="pooled") 
     return float(max(thr, 1e-3))
 
 
+# Keras 3's fit() without steps_per_epoch opens a fresh iterator of a tf.data pipeline at the start of every
+# epoch and one more at the end of each epoch (unused); epoch e therefore draws with iterator 2e.
+# tests/test_hardening.py checks that a resumed run reproduces the uninterrupted one (default strategy).
+_ITERATORS_PER_EPOCH = 2
+
+
+def _epochs_done(ckpt_dir) -> int:
+    """Epochs finished by an interrupted ``train`` (its BackupAndRestore metadata), 0 if none."""
+    try:
+        return int(json.loads((Path(ckpt_dir) / "backup" / "training_metadata.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _seed_generators(model):
+    return [sg for layer in model._flatten_layers() for sg in getattr(layer, "_seed_generators", [])]
+
+
+class _SeedStates(keras.callbacks.Callback):
+    """Save the model's random seed states (dropout) after each epoch and restore them on resume,
+    so a resumed run draws the same dropout masks as an uninterrupted one. Follows BackupAndRestore
+    in the callback list (its epoch count is read after it restored the weights)."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = Path(path)
+
+    def on_train_begin(self, logs=None):
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        gens = _seed_generators(self.model)
+        if saved.get("epoch") == getattr(self.model, "_initial_epoch", None) and len(saved["states"]) == len(gens):
+            for sg, state in zip(gens, saved["states"]):
+                sg.state.assign(np.asarray(state, dtype=sg.state.dtype))
+
+    def on_epoch_end(self, epoch, logs=None):
+        states = [np.asarray(sg.state.numpy()).tolist() for sg in _seed_generators(self.model)]
+        with atomic_path(self.path, ".json") as tmp:
+            Path(tmp).write_text(json.dumps({"epoch": epoch + 1, "states": states}))
+
+
 def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_size=None, strategy="default",
           log_dir=None, seed=0, lr=1e-3, benign=True, info=None, verbose="auto", model=None,
           extra_poison=None, calibration=0.04, target_fpr=0.5, init=None, calibration_rule="pooled",
@@ -218,7 +262,9 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
     used to set the detector's threshold (:func:`calibrate_threshold`, ``target_fpr`` percent).
     The learning rate follows a cosine decay over all epochs. Checkpoints go to ``OUT.ckpt/``
     (resume: rerun the same command; Keras ``BackupAndRestore`` restores the last finished
-    epoch). ``log_dir`` adds a TensorBoard log. ``init`` continues from the weights (and input
+    epoch, and the resumed run reproduces the uninterrupted one: same data order, random draws,
+    learning-rate step and dropout masks; the checkpoints are removed only after ``out`` is saved, so
+    a kill during calibration or saving resumes there). ``log_dir`` adds a TensorBoard log. ``init`` continues from the weights (and input
     normalization) of an existing detector ``.keras`` instead of a fresh model; its architecture,
     domain and input size must match. ``benign``: ``True`` (the default random benign processing
     before the clean/poisoned split), ``False`` (none) or a :class:`~tfbackdoor.perturb.BenignProcessing`.
@@ -251,7 +297,17 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
     elif benign is not False and not isinstance(benign, perturb.BenignProcessing):
         raise TfbdError(f"benign must be True, False or a BenignProcessing (got {benign!r})")
     train_ds = training_dataset(x_train, batch_size, seed, domain, benign, manipulation, extra_poison=extra_poison)
-    callbacks = [keras.callbacks.BackupAndRestore(str(ckpt_dir / "backup"))]
+    # Resuming (issue 15, items 2 and 5): the backup is kept after fit() (deleted only once the model is
+    # saved), so a kill during calibration or saving resumes straight there; and a resumed run draws what
+    # the uninterrupted one would: each iterator opened on the pipeline advances its shuffle and random
+    # seeds (reshuffle_each_iteration / rerandomize_each_iteration), so open as many as the finished epochs
+    # did (_ITERATORS_PER_EPOCH); the dropout seed states are restored by _SeedStates (BackupAndRestore
+    # restores the weights, the optimizer state and so the schedule's step, not these).
+    done = min(_epochs_done(ckpt_dir), epochs)
+    for _ in range(done * _ITERATORS_PER_EPOCH):
+        iter(train_ds)
+    callbacks = [keras.callbacks.BackupAndRestore(str(ckpt_dir / "backup"), delete_checkpoint=False),
+                 _SeedStates(ckpt_dir / "seed_states.json")]
     if log_dir:
         callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir)))
     if verbose == "auto":
@@ -461,8 +517,13 @@ class _NpzStreamWriter:
         self.n += len(images)
 
     def close(self):
+        with atomic_path(self.path, ".npz") as tmp:
+            self.write_to(tmp)
+
+    def write_to(self, tmp):
+        """Write the ``.npz`` to ``tmp`` (the caller renames it into place) and free the buffer."""
         try:
-            with atomic_path(self.path, ".npz") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 with zf.open("x.npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
                                                              "shape": (self.n,) + self.shape})
@@ -491,7 +552,10 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
     writer_npz = _NpzStreamWriter(str(write_clean)[4:], (spec.image_size, spec.image_size, 3)) if write_clean else None
     n = flagged = 0
     seen, skipped = [], []
-    with atomic_path(out_csv, ".csv") as tmp, open(tmp, "w", newline="") as f:
+    # The report and the sanitised set are committed together (issue 15 item 4): both are written to
+    # temporary files and renamed at the end, so an interrupt never pairs a new report with an old set.
+    targets = [(out_csv, ".csv")] + ([(writer_npz.path, ".npz")] if writer_npz is not None else [])
+    with atomic_paths(*targets) as tmps, open(tmps[0], "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "label", "score", "flagged"])
         for bx, by, bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
@@ -510,8 +574,9 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
         data_mod.report_missing(dataset, seen, limit, seed, None, skipped)
         for item, _reason in skipped:
             w.writerow([item, "", "", ""])
-    if writer_npz is not None:
-        writer_npz.close()
+        f.flush()
+        if writer_npz is not None:
+            writer_npz.write_to(tmps[1])
     return {"dataset": dataset, "n": n, "flagged": flagged, "flagged_pct": round(100.0 * flagged / max(n, 1), 2),
             "threshold": thr, "skipped": [s[0] for s in skipped], "report": str(out_csv),
             "clean_written": int(n - flagged) if write_clean else None}

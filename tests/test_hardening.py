@@ -1,0 +1,175 @@
+"""Issue 15 hardening, the rest: resumable and reproducible training, signals, outputs checked before
+the work, packaging, data preparation, compact model records, the demo."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _images(n=64, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def _tiny_detector():
+    """A small detector (conv, dropout, softmax) built from seed 0: quick to trace and train."""
+    import keras
+
+    from tfbackdoor import models
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 3))
+    h = keras.layers.Conv2D(4, 3, strides=2, activation="relu")(keras.layers.Rescaling(1 / 255)(inp))
+    h = keras.layers.Dropout(0.3)(keras.layers.GlobalAveragePooling2D()(h))
+    out = keras.layers.Dense(2, activation="softmax", name="probs")(h)
+    out = models.DetectorSpec("image", "tiny", 32, 0.5, {}, name="detector_spec")(out)
+    return keras.Model(inp, out)
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in Path(folder).iterdir() if "tmp" in p.name)
+
+
+# ----------------------------------------------------------------------------- item 5: resume = uninterrupted
+
+def test_a_resumed_training_reproduces_the_uninterrupted_one(tmp_path, monkeypatch):
+    import keras
+
+    from tfbackdoor import detector, perturb
+
+    x = _images()
+    kw = dict(epochs=2, batch_size=16, seed=0, verbose=0, calibration=0, domain="image", lr=0.05,   # calibration: below
+              manipulation=perturb.RandomManipulation(kinds=("noise", "white_block")))
+    full = detector.train(x, tmp_path / "full.keras", model=_tiny_detector(), **kw)
+
+    def stop(self, epoch, logs=None):   # a kill between epoch 1 and 2 (after epoch 1 was backed up)
+        if epoch == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_begin", stop, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        detector.train(x, tmp_path / "resumed.keras", model=_tiny_detector(), **kw)
+    monkeypatch.undo()
+    assert (tmp_path / "resumed.keras.ckpt").is_dir() and not (tmp_path / "resumed.keras").exists()
+    resumed = detector.train(x, tmp_path / "resumed.keras", model=_tiny_detector(), **kw)
+    assert resumed.history.epoch == [1]            # only the missing epoch was trained
+    for a, b in zip(full.get_weights(), resumed.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    held_out = _images(32, seed=1)
+    thresholds = [detector.calibrate_threshold(m, held_out, 5.0, variants=()) for m in (full, resumed)]
+    assert thresholds[0] == pytest.approx(thresholds[1], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- item 2: kill while calibrating/saving
+
+_TRAIN_KW = "dict(epochs=2, batch_size=16, seed=0, verbose=0, calibration=0.25, domain='image', lr=0.05, " \
+            "manipulation=perturb.RandomManipulation(kinds=('noise', 'white_block')))"
+
+_KILLED_TRAINING = """
+import sys, time
+sys.path.insert(0, {root!r})
+from tests.test_hardening import _images, _tiny_detector
+from tfbackdoor import detector, perturb
+if sys.argv[2] == "calibrate":
+    def stuck(*a, **k):
+        print("MARK", flush=True); time.sleep(120)
+    detector.calibrate_threshold = stuck
+else:   # keras has written part of the .keras file when the kill comes
+    import keras
+    def stuck(self, path, *a, **k):
+        open(path, "wb").write(b"PK partial"); print("MARK", flush=True); time.sleep(120)
+    keras.Model.save = stuck
+detector.train(_images(), sys.argv[1], model=_tiny_detector(), **{kw})
+"""
+
+
+def _run_until_marker(args, sig, cwd=None, timeout=120):
+    """Start ``args``, wait for a line ``MARK`` on its stdout, send ``sig``; returns (returncode, stderr)."""
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd or str(ROOT))
+    start = time.time()
+    for line in p.stdout:
+        if line.strip() == "MARK":
+            break
+        assert time.time() - start < timeout
+    else:
+        raise AssertionError(f"no marker; stderr: {p.stderr.read()[-2000:]}")
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    return p.returncode, err
+
+
+@pytest.mark.parametrize("stage", ["calibrate", "save"])
+def test_a_kill_while_calibrating_or_saving_keeps_the_epochs_and_leaves_no_temp_file(tmp_path, stage):
+    from tfbackdoor import detector, perturb
+
+    out = tmp_path / "det.keras"
+    script = _KILLED_TRAINING.format(root=str(ROOT), kw=_TRAIN_KW)
+    rc, err = _run_until_marker([sys.executable, "-c", script, str(out), stage], signal.SIGKILL)
+    assert rc == -signal.SIGKILL, err[-2000:]
+    meta = json.loads((tmp_path / "det.keras.ckpt" / "backup" / "training_metadata.json").read_text())
+    assert meta["epoch"] == 2 and not out.exists()   # every finished epoch survived the kill
+    assert bool(_leftovers(tmp_path)) == (stage == "save")   # the killed writer's partial file
+    # The rerun skips straight to calibration and saving, and removes the killed process's temp file.
+    model = detector.train(_images(), out, model=_tiny_detector(), **eval(_TRAIN_KW))
+    assert model.history.epoch == []
+    assert detector.load(out) and not (tmp_path / "det.keras.ckpt").exists()
+    assert _leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- item 4: SIGTERM
+
+_STUCK_SCAN = """
+import sys, time
+sys.path.insert(0, {root!r})
+import numpy as np
+real = np.lib.format.write_array_header_2_0
+def stuck(*a, **k):   # the report is complete, the sanitised set is being written
+    print("MARK", flush=True); time.sleep(120)
+np.lib.format.write_array_header_2_0 = stuck
+from cli.main import main
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_during_scan_exits_cleanly_and_keeps_report_and_sanitised_set_paired(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "ds").mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "ds" / f"{i}.png")
+    report, clean = tmp_path / "r.csv", tmp_path / "clean.npz"
+    report.write_text("old report\n")
+    clean.write_bytes(b"old set")
+    script = _STUCK_SCAN.format(root=str(ROOT))
+    rc, err = _run_until_marker([sys.executable, "-c", script, "scan", "--dataset", f"dir:{tmp_path / 'ds'}",
+                                 "--out", str(report), "--write-clean", f"npz:{clean}"], signal.SIGTERM)
+    assert rc == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("tfbd: terminated")
+    assert report.read_text() == "old report\n" and clean.read_bytes() == b"old set"   # neither replaced
+    assert _leftovers(tmp_path) == []
+
+
+def test_a_temp_file_of_a_killed_process_is_removed_by_the_next_write(tmp_path):
+    from tfbackdoor.atomic import atomic_path
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()   # a process id that is gone
+    stale = tmp_path / f".r.csv.tmp{p.pid}.abcd.csv"
+    stale.write_text("partial")
+    mine = tmp_path / f".r.csv.tmp{os.getpid()}.efgh.csv"   # a live writer's file is left alone
+    mine.write_text("in progress")
+    with atomic_path(tmp_path / "r.csv") as tmp:
+        Path(tmp).write_text("done")
+    assert (tmp_path / "r.csv").read_text() == "done" and not stale.exists() and mine.exists()
