@@ -29,12 +29,14 @@ def _quiet_tf():
     return tf
 
 
-def _check(datasets=(), attacks=None, triggers=(), files=(), limits=()):
+def _check(datasets=(), attacks=None, triggers=(), files=(), limits=(), outs=()):
     """Cheap checks before TensorFlow is imported, so typos fail in well under a second.
 
     ``datasets``: specs (``None`` skipped); ``attacks``: an ``--attacks`` list; ``triggers``:
     ``--trigger``-style strings; ``files``: ``(path, what)`` pairs (``None`` paths skipped);
-    ``limits``: ``(value, option)`` pairs that must be positive when given. Raises the same
+    ``limits``: ``(value, option)`` pairs that must be positive when given; ``outs``: ``(path, option)``
+    or ``(path, option, "dir")`` outputs that must be writable (:func:`tfbackdoor.specs.check_out`,
+    ``None`` skipped), so a bad ``--out`` fails before the work, not after it. Raises the same
     ``TfbdError`` the loaders would (see :mod:`tfbackdoor.specs`).
     """
     from tfbackdoor import specs
@@ -45,6 +47,8 @@ def _check(datasets=(), attacks=None, triggers=(), files=(), limits=()):
             raise TfbdError(f"{option} must be positive (got {value})")
     for path, what in files:
         specs.check_file(path, what)
+    for path, option, *kind in outs:
+        specs.check_out(path, option, *kind)
     for d in datasets:
         if d is not None:
             specs.check_dataset(d)
@@ -179,7 +183,8 @@ def main(verbose=False):
 @handle_errors
 def spectrum(dataset, attacks, trigger_file, mask, alpha, trigger_dir, limit, image_size, seed, out, json_out):
     """Mean DCT spectrum of clean vs triggered images, and high-frequency energy ratios."""
-    _check([dataset], attacks, files=[(trigger_file, "trigger file"), (mask, "trigger file")], limits=[(limit, "--limit")])
+    _check([dataset], attacks, files=[(trigger_file, "trigger file"), (mask, "trigger file")], limits=[(limit, "--limit")],
+           outs=[(out, "--out"), (json_out, "--json")])
     _quiet_tf()
     from tfbackdoor import analysis, data
 
@@ -262,7 +267,8 @@ def _benign(text, seed):
 def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, limit, lr, no_benign, benign_spec,
                    manipulations, strategy, log_dir, target_fpr, calibration_rule, init, seed):
     """Train a detector on clean images vs random manipulations (never a real trigger)."""
-    _check([dataset], files=[(init, "detector file")], limits=[(limit, "--limit")])
+    _check([dataset], files=[(init, "detector file")], limits=[(limit, "--limit")],
+           outs=[(out, "--out"), (log_dir, "--log-dir", "dir")])
     _quiet_tf()
     from tfbackdoor import data, detector
 
@@ -311,7 +317,7 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, batch_size, tr
              benign_spec, manipulations, calibration_rule, seed, out):
     """Fine-tune a detector on clean samples of a new dataset (they are excluded from evaluation),
     or on clean vs trigger-patched samples (--trigger)."""
-    _check([dataset], triggers=(trigger or "").split(","), files=[(detector_path, "detector file")])
+    _check([dataset], triggers=(trigger or "").split(","), files=[(detector_path, "detector file")], outs=[(out, "--out")])
     _quiet_tf()
 
     import numpy as np
@@ -388,7 +394,8 @@ def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alp
     pair = bool(clean_spec or poisoned_spec)
     _check([clean_spec, poisoned_spec] if pair else [dataset], None if pair else attacks,
            files=[(reference, "reference detector"), (None if reference else detector_path, "detector file"),
-                  (trigger_file, "trigger file"), (mask, "trigger file")], limits=[(limit, "--limit")])
+                  (trigger_file, "trigger file"), (mask, "trigger file")], limits=[(limit, "--limit")],
+           outs=[(out, "--out")])
     _quiet_tf()
     from tfbackdoor import analysis, detector, perturb
     from tfbackdoor.errors import TfbdError
@@ -441,7 +448,9 @@ def scan(detector_path, dataset, out, threshold, write_clean, limit, seed, runne
     if runner is not None and write_clean is not None and not str(write_clean).startswith("tfrecord:"):
         raise TfbdError(f"--write-clean with --runner must be tfrecord:PREFIX (got '{write_clean}')")
     remote = detector_path is not None and "://" in str(detector_path)
-    _check([dataset], files=[] if remote else [(detector_path, "detector file")], limits=[(limit, "--limit")])
+    clean_out = str(write_clean).split(":", 1)[1] if write_clean and ":" in str(write_clean) else None
+    _check([dataset], files=[] if remote else [(detector_path, "detector file")], limits=[(limit, "--limit")],
+           outs=[(out, "--out"), (clean_out, "--write-clean")])
     if runner is not None:
         try:
             import apache_beam  # noqa: F401
@@ -479,7 +488,8 @@ def shard(dataset, out, shards, image_size, limit, seed):
 
     if not str(out).startswith("tfrecord:") or not str(out)[9:]:
         raise TfbdError(f"--out must be tfrecord:PREFIX (got '{out}')")
-    _check([dataset], limits=[(limit, "--limit"), (shards, "--shards"), (image_size, "--image-size")])
+    _check([dataset], limits=[(limit, "--limit"), (shards, "--shards"), (image_size, "--image-size")],
+           outs=[(str(out)[9:], "--out")])
     _quiet_tf()
     from tfbackdoor import shards as shards_mod
 
@@ -513,6 +523,7 @@ def shard(dataset, out, shards, image_size, limit, seed):
 @handle_errors
 def export_cmd(detector_path, out, quantize, calibration, calibration_size, fold, clip, tail, seed, as_json):
     """Export a detector as a LiteRT screener: uint8 [1,H,W,3] in, P(poisoned) [1,1] out, builtin ops only."""
+    _check(files=[(detector_path, "detector file")], outs=[(out, "--out")])
     _quiet_tf()
     from tfbackdoor import export
 
@@ -562,6 +573,7 @@ def screen_cmd(model, threshold, every, sources):
 @handle_errors
 def demo(out):
     """Show the frequency artifacts of the built-in triggers on built-in sample images (no download)."""
+    _check(outs=[(out, "--out")])
     _quiet_tf()
     from tfbackdoor import analysis
 
@@ -617,7 +629,7 @@ def train_victim_cmd(dataset, test_dataset, out, epochs, batch_size, lr, width, 
                      target, limit, test_limit, image_size, num_classes, seed):
     """Train a victim classifier, optionally poisoned; prints clean ACC and ASR every epoch."""
     _check([dataset, None if (test_dataset or "none").lower() == "none" else test_dataset], triggers=[poison_trigger],
-           limits=[(limit, "--limit"), (test_limit, "--test-limit")])
+           limits=[(limit, "--limit"), (test_limit, "--test-limit")], outs=[(out, "--out")])
     _quiet_tf()
     from tfbackdoor import data, victim
     from tfbackdoor.atomic import sidecar_path
@@ -650,7 +662,7 @@ def train_victim_cmd(dataset, test_dataset, out, epochs, batch_size, lr, width, 
 @handle_errors
 def poison_cmd(dataset, trigger, rate, target, out, limit, image_size, seed):
     """Write a poisoned copy of a training set (dirty-label, as train-victim --poison does it)."""
-    _check([dataset], triggers=[trigger], limits=[(limit, "--limit")])
+    _check([dataset], triggers=[trigger], limits=[(limit, "--limit")], outs=[(out, "--out")])
     _quiet_tf()
     from tfbackdoor import data, victim
     from tfbackdoor.atomic import sidecar_path
@@ -682,7 +694,7 @@ def poison_cmd(dataset, trigger, rate, target, out, limit, image_size, seed):
 def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, seed, detector_path, as_json, out):
     """Clean accuracy and attack success rate (ASR) of a victim for a trigger and target."""
     _check([dataset], triggers=[trigger], files=[(model_path, "model file"), (detector_path, "detector file")],
-           limits=[(limit, "--limit")])
+           limits=[(limit, "--limit")], outs=[(out, "--out")])
     _quiet_tf()
     from tfbackdoor import analysis, data, victim
 
@@ -738,7 +750,8 @@ def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, thre
                test_limit, no_clean_reference, out_dir, seed, as_json, out):
     """Poison -> scan -> train on what is left -> attack-eval, for each attack; one table."""
     _check([dataset, test_dataset], triggers=attacks.split(","), files=[(detector_path, "detector file")],
-           limits=[(limit, "--limit"), (test_limit, "--test-limit"), (epochs, "--epochs")])
+           limits=[(limit, "--limit"), (test_limit, "--test-limit"), (epochs, "--epochs")],
+           outs=[(out_dir, "--out-dir", "dir"), (out, "--out")])
     _quiet_tf()
     from tfbackdoor import analysis, data, defend, detector
 
@@ -779,7 +792,7 @@ def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, thre
 def smooth_cmd(model_path, dataset, samples, fooling_rate, out, lam, step, max_passes, batch_size, holdout, target,
                image_size, seed):
     """Search a smooth (low-frequency) trigger on a victim: paper Algorithm 1."""
-    _check([dataset], files=[(model_path, "model file")], limits=[(samples, "--samples")])
+    _check([dataset], files=[(model_path, "model file")], limits=[(samples, "--samples")], outs=[(out, "--out")])
     _quiet_tf()
     from tfbackdoor import analysis, data, smooth, triggers, victim
     from tfbackdoor.atomic import sidecar_path
@@ -827,6 +840,7 @@ def smooth_cmd(model_path, dataset, samples, fooling_rate, out, lam, step, max_p
 @handle_errors
 def naive_smooth_cmd(out_dir, image_size, seed):
     """Write the five naive smooth triggers (low-passed noise and photo crops, in [0, 0.2])."""
+    _check(outs=[(out_dir, "--out-dir", "dir")])
     _quiet_tf()
 
     from tfbackdoor import smooth

@@ -173,3 +173,51 @@ def test_a_temp_file_of_a_killed_process_is_removed_by_the_next_write(tmp_path):
     with atomic_path(tmp_path / "r.csv") as tmp:
         Path(tmp).write_text("done")
     assert (tmp_path / "r.csv").read_text() == "done" and not stale.exists() and mine.exists()
+
+
+# ----------------------------------------------------------------------------- item 7: outputs checked first
+
+_OUT_COMMANDS = [
+    ["scan", "--dataset", "DS", "--out", "BAD"],
+    ["scan", "--dataset", "DS", "--out", "OK/r.csv", "--write-clean", "npz:BAD"],
+    ["evaluate", "--dataset", "DS", "--out", "BAD"],
+    ["spectrum", "--dataset", "DS", "--out", "BAD"],
+    ["spectrum", "--dataset", "DS", "--out", "OK/s.png", "--json", "BAD"],
+    ["demo", "--out", "BAD"],
+    ["export", "--out", "BAD"],
+    ["poison", "--dataset", "DS", "--trigger", "badnets", "--target", "0", "--out", "BAD"],
+    ["train-detector", "--dataset", "DS", "--out", "BAD"],
+    ["finetune", "--dataset", "DS", "--out", "BAD"],
+    ["train-victim", "--dataset", "DS", "--test-dataset", "none", "--out", "BAD"],
+    ["attack-eval", "--model", "MODEL", "--trigger", "badnets", "--target", "0", "--dataset", "DS", "--out", "BAD"],
+    ["smooth", "--model", "MODEL", "--dataset", "DS", "--out", "BAD"],
+    ["shard", "--dataset", "DS", "--out", "tfrecord:BAD"],
+    ["defend", "--dataset", "DS", "--test-dataset", "DS", "--attacks", "badnets", "--out-dir", "OK", "--out", "BAD"],
+]
+
+
+@pytest.mark.parametrize("args", _OUT_COMMANDS, ids=lambda a: "-".join(x for x in a[:3] if x[0] != "-"))
+def test_an_unwritable_or_directory_out_is_one_line_before_the_work(args, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "ds").mkdir()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "ds" / "0.png")
+    (tmp_path / "m.keras").write_bytes(b"unused")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    bads = {"/sys/r.csv": "cannot write in /sys", "/proc/tfbd/r.csv": "cannot write in /proc",
+            str(tmp_path): "is a directory", "/dev/null": "is not a regular file"}
+    for bad, needle in bads.items():
+        argv = [{"DS": f"dir:{tmp_path / 'ds'}", "OK": str(tmp_path / "ok"), "MODEL": str(tmp_path / "m.keras")}.get(
+            x, x.replace("BAD", bad).replace("OK", str(tmp_path / "ok"))) for x in args]
+        start = time.time()
+        r = CliRunner().invoke(main, argv)
+        assert r.exit_code == 2, (argv, r.output[-2000:])
+        (line,) = r.output.strip().splitlines()
+        assert line.startswith("tfbd: error: ") and needle in line, line
+        assert time.time() - start < 5   # before loading data or TensorFlow work
+    if "--out-dir" in args:   # an --out-dir that is a file
+        argv = [x.replace("OK", str(a_file)) if x == "OK" else x for x in args]
+        argv = [{"DS": f"dir:{tmp_path / 'ds'}", "BAD": str(tmp_path / "r.json")}.get(x, x) for x in argv]
+        r = CliRunner().invoke(main, argv)
+        assert r.exit_code == 2 and "is not a directory" in r.output, r.output[-2000:]

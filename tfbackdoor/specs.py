@@ -164,3 +164,37 @@ def check_file(path, what: str) -> None:
     """``what`` not found: PATH, unless ``path`` is ``None`` or an existing file."""
     if path is not None and not Path(path).is_file():
         raise TfbdError(f"{what} not found: {path}")
+
+
+def check_out(path, option: str = "--out", kind: str = "file") -> None:
+    """Refuse an output that cannot be written, before any work (issue 15 item 7).
+
+    ``kind="file"``: ``path`` must not be an existing directory or special file (``/dev/null``, a FIFO);
+    ``kind="dir"``: it must not be an existing non-directory. Either way, its nearest existing folder
+    must accept a new file (tried for real: catches read-only and pseudo file systems such as ``/sys``
+    and ``/proc``, and missing permissions, also for root). Remote URLs (``gs://``) are not checked.
+    """
+    if path is None or "://" in str(path):
+        return
+    p = Path(path)
+    if kind == "file":
+        if p.is_dir():
+            raise TfbdError(f"{option} {path} is a directory (give a file name inside it)")
+        if p.exists() and not p.is_file():
+            raise TfbdError(f"{option} {path} is not a regular file (refusing to replace it)")
+    elif p.exists() and not p.is_dir():
+        raise TfbdError(f"{option} {path} exists and is not a directory")
+    folder = p if kind == "dir" else p.parent
+    folder = Path(os.path.abspath(folder))
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise TfbdError(f"{option} {path}: {folder} is not a directory")
+    import tempfile
+
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".tfbd-write-check.", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise TfbdError(f"{option} {path}: cannot write in {folder} ({e.strerror or e})") from None
