@@ -258,7 +258,7 @@ def _benign(text, seed):
 @click.option("--strategy", type=click.Choice(["default", "mirrored", "multiworker"]), default="default", show_default=True)
 @click.option("--log-dir", type=click.Path(), default=None, help="TensorBoard log directory.")
 @click.option("--target-fpr", type=float, default=0.5, show_default=True,
-              help="Set the threshold to flag this %% of held-out clean (and benign-processed) images.")
+              help="Set the threshold to flag this % of held-out clean (and benign-processed) images.")
 @_calibration_rule_option
 @click.option("--init", type=click.Path(), default=None,
               help="Continue from this detector's weights (same arch, domain and size) instead of a fresh model.")
@@ -306,7 +306,7 @@ def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, l
               help="Hold out N more clean images of --dataset (of each part) and set the threshold on them "
                    "(with --target-fpr).")
 @click.option("--target-fpr", type=float, default=0.5, show_default=True,
-              help="With --calibration: flag this %% of the held-out clean (and benign-processed) images.")
+              help="With --calibration: flag this % of the held-out clean (and benign-processed) images.")
 @_benign_option
 @_manipulations_option
 @_calibration_rule_option
@@ -383,7 +383,7 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, batch_size, tr
 @click.option("--limit", type=int, default=None, help="Seeded subset of the dataset.")
 @click.option("--threshold", type=float, default=None, help="Override the detector's threshold.")
 @click.option("--at-fpr", type=float, default=None, metavar="PCT",
-              help="Also report bdr_at_fpr: the BDR at the threshold that flags PCT %% of the clean images (equal-FPR comparison).")
+              help="Also report bdr_at_fpr: the BDR at the threshold that flags PCT % of the clean images (equal-FPR comparison).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (attack, acc, bdr, fpr, auroc, n).")
 @click.option("--out", type=click.Path(), default=None, help="Also write the JSON to this file.")
@@ -426,7 +426,7 @@ def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alp
 @click.option("--threshold", type=float, default=None, help="Override the detector's threshold.")
 @click.option("--write-clean", default=None,
               help="npz:PATH to write the unflagged samples to (with --runner: tfrecord:PREFIX, sharded).")
-@click.option("--limit", type=int, default=None)
+@click.option("--limit", type=int, default=None, help="Scan only a seeded random subset of N samples (with --seed).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--runner", type=click.Choice(["direct", "dataflow", "flink", "spark"]), default=None,
               help="Run as an Apache Beam pipeline (needs the [beam] extra): --out is then a prefix of sharded CSV "
@@ -544,7 +544,7 @@ def export_cmd(detector_path, out, quantize, calibration, calibration_size, fold
 
 @main.command("screen", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--model", type=click.Path(), default=None,
-              help="Screener .tflite (default: saved_models/screener_cifar10_int8.tflite).")
+              help="Screener .tflite (default: the shipped saved_models/screener_cifar10_int8.tflite).")
 @click.option("--threshold", type=float, default=None, help="Poisoned if score >= T (default: the sidecar's; required without one).")
 @click.option("--every", type=int, default=None, help="Process every N-th video/camera frame.")
 @click.argument("sources", nargs=-1, type=click.UNPROCESSED)
@@ -585,11 +585,35 @@ def datasets():
     """List the dataset specs and the short names found under $TFBD_DATA."""
     from tfbackdoor import specs as data   # TF-free: the same table and data_root as tfbackdoor.data
 
-    click.echo("specs: npz:PATH  dir:PATH  tfds:NAME[:SPLIT]  tfrecord:GLOB  tar:GLOB  A+B (concatenate)")
-    click.echo(f"short names (under {data.data_root()}):")
+    click.echo("specs: " + "  ".join(data.SPEC_FORMS) + "  tfrecord:GLOB  tar:GLOB  A+B (concatenate)")
+    click.echo(f"short names (under {data.data_root()}; `tfbd data prepare NAME` writes the missing ones):")
     for name, (_, rel, _) in data.SHORT_NAMES.items():
         ok = (data.data_root() / rel).exists()
         click.echo(f"  {name:<18} {'found' if ok else 'missing'}")
+    for name, rel in data.CROP_SOURCES.items():
+        ok = (data.data_root() / rel).is_dir()
+        click.echo(f"  {name:<18} {'found' if ok else 'missing'}  ({data.DEFAULT_CROPS} crops of the photos in {rel}/)")
+
+
+@main.group("data")
+def data_group():
+    """Get public datasets into the layout $TFBD_DATA expects."""
+
+
+@data_group.command("prepare")
+@click.argument("name")
+@click.option("--data-dir", type=click.Path(), default=None, help="Where to write (default: $TFBD_DATA).")
+@click.option("--force", is_flag=True, help="Write again even when the files exist.")
+@handle_errors
+def data_prepare(name, data_dir, force):
+    """Download NAME (cifar10, or tfds:NAME for any TFDS image dataset) into $TFBD_DATA (needs internet)."""
+    from tfbackdoor import specs
+
+    root = Path(data_dir) if data_dir else specs.data_root()
+    _check(outs=[(root, "--data-dir", "dir")])
+    from tfbackdoor import prepare
+
+    prepare.prepare(name, root, force=force, echo=click.echo)
 
 
 # ------------------------------------------------------------ smooth triggers and victims (Section 5)
@@ -735,7 +759,7 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
 @click.option("--detector", "detector_path", type=click.Path(), default=None, help="Detector .keras (default: shipped).")
 @click.option("--threshold", type=float, default=None, help="Screen threshold (default: the detector's).")
 @click.option("--remove-top", type=float, default=0.0, show_default=True, metavar="PCT",
-              help="Also remove the PCT %% highest-scoring samples (a stricter operating point for training sets).")
+              help="Also remove the PCT % highest-scoring samples (a stricter operating point for training sets).")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Victim epochs (the same for every victim).")
 @click.option("--width", type=int, default=32, show_default=True, help="Victim width.")
 @click.option("--limit", type=int, default=None, help="Seeded subset of the training set.")

@@ -120,13 +120,18 @@ def default_model_path() -> Path:
     """The default model: ``<repo>/saved_models/screener_cifar10_int8.tflite``.
 
     Falls back to ``screener_cifar10_int8.tflite`` beside this file when only
-    that one exists (e.g. when ``edge/`` was copied to a device on its own).
+    that one exists (e.g. when ``edge/`` was copied to a device on its own),
+    then to the copy a non-editable ``pip install .`` puts in the installed
+    ``tfbackdoor/saved_models/`` (found without importing tfbackdoor).
     """
     here = Path(__file__).resolve().parent
     in_repo = here.parent / "saved_models" / DEFAULT_MODEL_NAME
     beside = here / DEFAULT_MODEL_NAME
-    if not in_repo.is_file() and beside.is_file():
-        return beside
+    installed = here.parent / "tfbackdoor" / "saved_models" / DEFAULT_MODEL_NAME
+    if not in_repo.is_file():
+        for other in (beside, installed):
+            if other.is_file():
+                return other
     return in_repo
 
 

@@ -221,3 +221,97 @@ def test_an_unwritable_or_directory_out_is_one_line_before_the_work(args, tmp_pa
         argv = [{"DS": f"dir:{tmp_path / 'ds'}", "BAD": str(tmp_path / "r.json")}.get(x, x) for x in argv]
         r = CliRunner().invoke(main, argv)
         assert r.exit_code == 2 and "is not a directory" in r.output, r.output[-2000:]
+
+
+# ----------------------------------------------------------------------------- items 12, 13: install anywhere
+
+def test_setup_supports_the_python_versions_of_tensorflow_2_21_and_offers_a_gpu_extra():
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert cfg["options"]["python_requires"].replace(" ", "") == ">=3.10,<3.14"   # TF 2.21: cp310-cp313 wheels
+    for v in ("3.10", "3.11", "3.12", "3.13"):
+        assert f"Python :: {v}" in cfg["metadata"]["classifiers"]
+    assert "tensorflow[and-cuda]>=2.21,<2.22" in cfg["options.extras_require"]["gpu"]
+    assert 'tensorflow-cpu>=2.21,<2.22; platform_machine == "x86_64"' in cfg["options"]["install_requires"]
+    assert "[gpu]" in (ROOT / "README.md").read_text()
+
+
+def test_the_wheel_carries_the_shipped_models_and_finds_them_from_any_directory(tmp_path):
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"   # a copy: building in the work tree would leave build/ there
+    src.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("tfbackdoor", "cli", "edge", "saved_models"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.ckpt"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("tfbackdoor-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for model in ("detector_cifar10.keras", "screener_cifar10_int8.tflite", "screener_cifar10_int8.json"):
+        assert f"tfbackdoor/saved_models/{model}" in names
+    site = tmp_path / "site"   # the wheel unpacked = what pip install puts in site-packages
+    zipfile.ZipFile(wheel).extractall(site)
+    code = ("import sys, site; sys.path[:0] = [sys.argv[1]]; sys.path += site.getsitepackages();"
+            "import tfbackdoor.detector as d, edge.screen as e;"
+            "print(d.__file__); print(d.DEFAULT_DETECTOR); print(e.default_model_path())")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # -S: no site hooks, so the work tree's editable install cannot answer in place of the wheel.
+    r = subprocess.run([sys.executable, "-S", "-c", code, str(site)], capture_output=True, text=True, timeout=120,
+                       cwd=str(elsewhere))
+    assert r.returncode == 0, r.stderr[-2000:]
+    module, det, screener = r.stdout.split()
+    assert module.startswith(str(site))
+    assert det == str(site / "tfbackdoor" / "saved_models" / "detector_cifar10.keras") and Path(det).is_file()
+    assert screener == str(site / "tfbackdoor" / "saved_models" / "screener_cifar10_int8.tflite")
+
+
+# ----------------------------------------------------------------------------- item 14: tfbd data prepare
+
+def test_data_prepare_offline_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    from tfbackdoor import prepare
+
+    def offline():
+        raise Exception("URL fetch failure on https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz: None -- "
+                        "[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(prepare, "_load_cifar10", offline)
+    r = CliRunner().invoke(main, ["data", "prepare", "cifar10", "--data-dir", str(tmp_path / "d")])
+    assert r.exit_code == 2
+    (line,) = r.output.strip().splitlines()
+    assert line.startswith("tfbd: error: cifar10: download failed (Exception: URL fetch failure") and "TFBD_DATA" in line
+    assert not (tmp_path / "d").exists()
+    r = CliRunner().invoke(main, ["data", "prepare", "gtsrb", "--data-dir", str(tmp_path / "d")])
+    assert r.exit_code == 2 and "no public loader" in r.output
+
+
+def test_data_prepare_cifar10_writes_the_layout_the_short_names_read(tmp_path, monkeypatch):
+    from tfbackdoor import data, prepare
+
+    rng = np.random.default_rng(0)
+    fake = ((rng.integers(0, 256, (4010, 32, 32, 3), dtype=np.uint8), np.arange(4010) % 10),
+            (rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8), np.arange(20) % 10))
+    monkeypatch.setattr(prepare, "_load_cifar10", lambda: fake)
+    r = CliRunner().invoke(main, ["data", "prepare", "cifar10", "--data-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    monkeypatch.setenv("TFBD_DATA", str(tmp_path))
+    x, y = data.load_arrays("cifar10:lossless")
+    assert np.array_equal(x, fake[0][0][:4000]) and np.array_equal(y, fake[0][1][:4000])
+    assert len(data.load_arrays("cifar10:train")[0]) == 10 and len(data.load_arrays("cifar10:test")[0]) == 20
+
+
+# ----------------------------------------------------------------------------- item 17 (the small ones)
+
+def test_help_texts_and_the_datasets_listing():
+    for cmd in ("train-detector", "finetune", "evaluate", "defend", "scan"):
+        r = CliRunner().invoke(main, [cmd, "--help"])
+        assert r.exit_code == 0 and "%%" not in r.output
+    scan_help = CliRunner().invoke(main, ["scan", "--help"]).output
+    assert "seeded random subset" in scan_help.split("--limit")[1].split("--seed")[0]
+    out = CliRunner().invoke(main, ["datasets"]).output
+    assert "crops:PATH[:N]" in out and "natural32" in out and "photos:crops" in out

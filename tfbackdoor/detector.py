@@ -25,12 +25,13 @@ import numpy as np
 import tensorflow as tf
 
 from . import data as data_mod
-from . import metrics, models, perturb, triggers
+from . import metrics, models, perturb, specs, triggers
 from .errors import TfbdError, model_load_error
 from .atomic import atomic_path, atomic_paths
 from .frequency import dct2d
 
-DEFAULT_DETECTOR = Path(__file__).resolve().parent.parent / "saved_models" / "detector_cifar10.keras"
+# saved_models/ of the source tree, or the copy installed in the package by `pip install .` (issue 15 item 13).
+DEFAULT_DETECTOR = specs.shipped_model("detector_cifar10.keras")
 
 
 # ----------------------------------------------------------------------------------- inputs

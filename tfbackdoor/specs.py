@@ -198,3 +198,12 @@ def check_out(path, option: str = "--out", kind: str = "file") -> None:
         os.remove(probe)
     except OSError as e:
         raise TfbdError(f"{option} {path}: cannot write in {folder} ({e.strerror or e})") from None
+
+
+def shipped_model(name: str) -> Path:
+    """A shipped model file: ``saved_models/NAME`` of a source checkout (or an editable install), else
+    the copy a non-editable ``pip install .`` puts in the package (``tfbackdoor/saved_models/NAME``,
+    setup.cfg ``package_dir``). Returns the source-tree path when neither exists (for the error)."""
+    here = Path(__file__).resolve().parent
+    candidates = [here.parent / "saved_models" / name, here / "saved_models" / name]
+    return next((p for p in candidates if p.is_file()), candidates[0])
