@@ -315,3 +315,14 @@ def test_help_texts_and_the_datasets_listing():
     assert "seeded random subset" in scan_help.split("--limit")[1].split("--seed")[0]
     out = CliRunner().invoke(main, ["datasets"]).output
     assert "crops:PATH[:N]" in out and "natural32" in out and "photos:crops" in out
+
+
+def test_demo_explains_the_hf_ratio_and_says_when_the_screener_misses(tmp_path):
+    r = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "d.png")])
+    assert r.exit_code == 0, r.output[-2000:]
+    assert "HF ratio = the share of the images' DCT energy" in r.output
+    rows = [line.split() for line in r.output.splitlines() if line.endswith((" clean", " poisoned"))
+            and not line.startswith("clean_")]
+    missed = {row[0].rsplit("_", 1)[0] for row in rows if row[-1] == "clean"}
+    for name in missed:
+        assert f"samples through" in r.output and f" {name} samples" in r.output
