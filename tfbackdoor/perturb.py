@@ -120,17 +120,10 @@ def _bilinear_sample(x, ys, xs):
 
 
 def _idct_field(coeffs):
-    """Spatial pattern ``(N, H, W, C)`` of orthonormal 2-D DCT coefficients ``coeffs`` (same shape).
+    """Spatial pattern ``(N, H, W, C)`` of orthonormal 2-D DCT coefficients ``coeffs`` (same shape)."""
+    from .frequency import idct2d   # frequency imports keras; keep perturb's import light
 
-    Two small matmuls with the DCT basis rather than ``tf.signal.idct``: at 32 px the FFT route
-    costs several times more per image, and it fails on an empty batch (a kind no image drew).
-    """
-    from .frequency import dct_matrix   # frequency imports keras; keep perturb's import light
-
-    h, w = coeffs.shape[1], coeffs.shape[2]
-    dh = tf.constant(dct_matrix(h), tf.float32)
-    dw = tf.constant(dct_matrix(w), tf.float32)
-    return tf.einsum("uh,nuvc,vw->nhwc", dh, coeffs, dw)
+    return idct2d(coeffs)
 
 
 def _freq_grid(h, w):
