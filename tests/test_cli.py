@@ -26,7 +26,10 @@ def test_demo_writes_heatmap(tmp_path):
     r = run("demo", "--out", str(out))
     assert r.exit_code == 0, r.output
     assert out.stat().st_size > 10_000
-    ratios = {line.split()[0]: float(line.split()[1]) for line in r.output.splitlines()[1:5]}
+    lines = r.output.splitlines()
+    assert any(line.startswith("HF ratio = ") for line in lines)     # says what the ratio means
+    start = next(i for i, line in enumerate(lines) if line.startswith("set "))
+    ratios = {line.split()[0]: float(line.split()[1]) for line in lines[start + 1:start + 5]}
     assert ratios["checker"] > ratios["clean"]
     # then the shipped int8 screener's verdicts on 4 samples, clean and with each built-in trigger
     assert "screening with screener_cifar10_int8.tflite" in r.output
