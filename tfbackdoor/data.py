@@ -62,7 +62,6 @@ class Source:
         return len(self.y) if self.y is not None else len(self.files)
 
 
-DEFAULT_MAX_PIXELS = 40_000_000
 UNLABELLED = -1  # the label of the images of a flat dir: folder (no class sub-folders)
 
 
@@ -77,17 +76,14 @@ class SkippedItems(UserWarning):
 def max_pixels() -> int:
     """The largest pixel count (width x height, as declared in an image's header) that is decoded:
     ``$TFBD_MAX_PIXELS`` or 40 million. Larger images (decompression bombs: a 1.5 MB PNG can declare
-    23000 x 23000 px, 1.6 GB decoded) are skipped and reported instead."""
-    text = os.environ.get("TFBD_MAX_PIXELS", "").strip()
-    if not text:
-        return DEFAULT_MAX_PIXELS
+    23000 x 23000 px, 1.6 GB decoded) are skipped and reported instead. One rule with the edge
+    screener, which owns it (it must run without this package)."""
+    from edge.screen import max_pixels as edge_max_pixels
+
     try:
-        value = int(float(text))
-    except (ValueError, OverflowError):
-        value = 0
-    if value <= 0:
-        raise TfbdError(f"TFBD_MAX_PIXELS must be a positive pixel count (got '{text}')")
-    return value
+        return edge_max_pixels()
+    except ValueError as e:
+        raise TfbdError(str(e)) from None
 
 
 def file_id(path: str) -> str:
