@@ -335,8 +335,8 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, batch_size, tr
     if len(counts) != len(parts):
         raise TfbdError(f"--samples has {len(counts)} counts for {len(parts)} dataset parts ({dataset})")
     if min(counts) < 1 or calibration < 0 or repeat < 1 or epochs < 1 or batch_size < 1:
-        raise TfbdError(f"--samples, --epochs, --repeat must be positive and --calibration >= 0 "
-                        f"(got {samples}, {epochs}, {repeat}, {calibration})")
+        raise TfbdError(f"--samples, --epochs, --repeat, --batch-size must be positive and --calibration >= 0 "
+                        f"(got {samples}, {epochs}, {repeat}, {batch_size}, {calibration})")
     benign = _benign(benign_spec, seed) if benign_spec else None
     manipulation = _manipulation(manipulations, seed)
     model = detector.load(detector_path)
