@@ -379,7 +379,8 @@ def test_init_continues_from_a_detector_and_checks_it_fits(tiny, tmp_path, data_
     norm = m.get_layer("input_norm").get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(norm, before.get_layer("input_norm").get_weights()))
     info = detector.spec_of(detector.load(out)).info
-    assert info["init"]["path"] == str(tiny) and info["init"]["info"]["dataset"] == "cifar10:lossless"
+    # where it started, recorded without this machine's absolute path (detector.portable_info)
+    assert info["init"]["path"] == tiny.name and info["init"]["info"]["dataset"] == "cifar10:lossless"
     with pytest.raises(TfbdError, match="cannot continue as cnn6/image"):
         detector.train(x, tmp_path / "bad.keras", epochs=1, domain="image", init=str(tiny), verbose=0)
 
@@ -420,3 +421,22 @@ def test_worst_calibration_bounds_every_set(tiny, data_dir):
             assert (s > worst).mean() <= 0.05 + 1e-9, v
     with pytest.raises(TfbdError, match="unknown calibration rule"):
         detector.calibrate_threshold(m, a, 1.0, rule="median")
+
+
+def test_saved_info_is_portable_and_keeps_the_same_exclusions(tmp_path):
+    """No absolute path of the training machine is recorded; exclusions still match loaded ids."""
+    from tfbackdoor import specs
+
+    root = str(specs.data_root())
+    info = {"command": f"tfbd finetune --detector /elsewhere/runs/det.keras --dataset npz:{root}/natural/natural32.npz",
+            "exclude": {"cifar10:train": [f"{root}/cifar10/train/dog/0001.jpg", "dog/0001.jpg"],
+                        "cifar10:lossless": ["cifar10:lossless#5"]}}
+    model = detector.build(info=info)
+    detector.save(model, tmp_path / "d.keras")
+    saved = detector.spec_of(detector.load(tmp_path / "d.keras")).info
+    assert saved["command"] == "tfbd finetune --detector det.keras --dataset npz:$TFBD_DATA/natural/natural32.npz"
+    assert saved["exclude"] == {"cifar10:train": ["dog/0001.jpg"], "cifar10:lossless": ["cifar10:lossless#5"]}
+    # a model that recorded absolute ids and one that recorded relative ids leave out the same image
+    legacy = detector.build(info={"exclude": {"cifar10:train": [f"{root}/cifar10/train/dog/0001.jpg"]}})
+    assert detector._exclusions(legacy, "cifar10:train") == detector._exclusions(model, "cifar10:train") == {"dog/0001.jpg"}
+    assert detector.relative_id("cifar10:train", f"{root}/cifar10/train/dog/0001.jpg") == "dog/0001.jpg"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -128,8 +129,68 @@ def load(path=None) -> keras.Model:
     return model
 
 
+def _source_folder(part):
+    """The folder a ``dir:``-type dataset part reads (its file ids start with it), else ``None``."""
+    kind, rel = (specs.SHORT_NAMES.get(part) or (None, None))[:2]
+    if kind == "dir":
+        return str(specs.data_root() / rel)
+    if part.startswith("dir:"):
+        return part[4:]
+    return None
+
+
+def relative_id(part, ident):
+    """A sample id of dataset ``part`` relative to its data source: a file under the part's folder
+    becomes its path inside it (``automobile/3808.jpg``); other ids (``cifar10:lossless#5``) stay.
+    Recorded exclusions and loaded ids are compared in this form, so a model trained on one machine
+    leaves out the same images on another (and models that recorded absolute paths still work)."""
+    folder = _source_folder(part)
+    if folder:
+        folder = folder.rstrip("/") + "/"
+        if ident.startswith(folder):
+            return ident[len(folder):]
+    return ident
+
+
+_ABS_PATH = re.compile(r"(?<![\w$/.])/(?:[^\s/\"',]+/)+([^\s/\"',]+)")
+
+
+def portable_info(info):
+    """``info`` without this machine's absolute paths, for saving inside a model.
+
+    Exclusion ids become :func:`relative_id`; in every other string a path under the data root
+    becomes ``$TFBD_DATA/...``, one under the repository becomes relative to it, and any other
+    absolute path is reduced to its file name (e.g. a training command's ``--out /tmp/x/det.keras``).
+    """
+    roots = [(str(specs.data_root().resolve()).rstrip("/") + "/", "$TFBD_DATA/"),
+             (str(specs.data_root()).rstrip("/") + "/", "$TFBD_DATA/"),
+             (str(Path(__file__).resolve().parent.parent) + "/", "")]
+
+    def text(v):
+        for root, new in roots:
+            v = v.replace(root, new)
+        return _ABS_PATH.sub(lambda m: m.group(1), v)
+
+    def walk(v, key=None):
+        if key == "exclude" and isinstance(v, dict):
+            return {part: list(dict.fromkeys(relative_id(part, i) for i in ids)) for part, ids in v.items()}
+        if isinstance(v, dict):
+            return {k: walk(x, k) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return text(v) if isinstance(v, str) else v
+
+    return walk(dict(info or {}))
+
+
 def save(model, path):
-    """Save atomically: write to a temporary file beside ``path`` then rename."""
+    """Save atomically (a temporary file beside ``path``, then rename), with the recorded info made
+    portable (:func:`portable_info`: no absolute paths of this machine)."""
+    try:
+        spec = spec_of(model)
+        spec.info = portable_info(spec.info)
+    except TfbdError:
+        pass
     with atomic_path(path, ".keras") as tmp:
         model.save(tmp)
 
@@ -418,7 +479,7 @@ def score(model, images, batch_size=256) -> np.ndarray:
 
 def _exclusions(model, spec_str):
     excl = spec_of(model).info.get("exclude", {})
-    return set(excl.get(spec_str, []))
+    return {relative_id(spec_str, i) for i in excl.get(spec_str, [])}
 
 
 def load_eval_images(model, dataset, limit=None, seed=0, also=()):
@@ -433,7 +494,7 @@ def load_eval_images(model, dataset, limit=None, seed=0, also=()):
     ds = data_mod.load(dataset, image_size=spec.image_size, with_ids=True, limit=more, seed=seed)
     x, _, ids = data_mod.materialize(ds, dataset)
     if excluded:
-        keep = np.asarray([i not in excluded for i in ids])
+        keep = np.asarray([relative_id(dataset, i) not in excluded for i in ids])
         x = x[keep]
     return x if limit is None else x[:limit]
 
