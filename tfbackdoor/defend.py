@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import detector as detector_mod
-from . import victim
+from . import metrics, victim
 from .errors import TfbdError
 
 
@@ -83,7 +83,7 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
         path = out_dir / "victim_clean.keras"
         echo(f"clean reference victim -> {path}")
         model, _ = victim.train_victim(x, y, path, **common)
-        ref_acc = victim.attack_eval(model, x_test, y_test, trigs[0], target)["acc"] if trigs else None
+        ref_acc = round(metrics.accuracy(victim.predict(model, x_test), y_test), 2)
         echo(f"  clean ACC {ref_acc:.2f}%")
     rows = []
     for trig in trigs:
