@@ -56,7 +56,7 @@ def main():
     import numpy as np
 
     from tfbackdoor import detector, export, metrics, triggers
-    from tfbackdoor.analysis import write_json
+    from tfbackdoor.atomic import write_json
 
     model = detector.load(args.detector)
     spec = detector.spec_of(model)

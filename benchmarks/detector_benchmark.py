@@ -80,7 +80,7 @@ def main():
     args = ap.parse_args()
 
     from tfbackdoor import detector, perturb, triggers
-    from tfbackdoor.analysis import write_json
+    from tfbackdoor.atomic import write_json
 
     benign = list(perturb.BENIGN_VARIANTS) if args.benign == "all" else [b for b in args.benign.split(",") if b]
     models = [(p, detector.load(p)) for p in args.detector] + [(p, detector.load_reference(p)) for p in args.reference]

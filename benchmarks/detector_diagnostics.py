@@ -78,7 +78,7 @@ def main():
     args = ap.parse_args()
 
     from tfbackdoor import detector
-    from tfbackdoor.analysis import write_json
+    from tfbackdoor.atomic import write_json
 
     model = detector.load(args.detector)
     thresholds = [float(t) for t in args.thresholds.split(",") if t]

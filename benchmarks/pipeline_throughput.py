@@ -85,7 +85,7 @@ def main():
     }
     print(json.dumps(res, indent=2))
     if args.out:
-        from tfbackdoor.analysis import write_json
+        from tfbackdoor.atomic import write_json
 
         write_json(res, args.out)
 

@@ -186,7 +186,7 @@ def spectrum(dataset, attacks, trigger_file, mask, alpha, trigger_dir, limit, im
     _check([dataset], attacks, files=[(trigger_file, "trigger file"), (mask, "trigger file")], limits=[(limit, "--limit")],
            outs=[(out, "--out"), (json_out, "--json")])
     _quiet_tf()
-    from tfbackdoor import analysis, data
+    from tfbackdoor import analysis, atomic, data
 
     x, _ = data.load_arrays(dataset, image_size=image_size, limit=limit, seed=seed)
     trigs = _resolve_attacks(attacks, trigger_file, mask, alpha, trigger_dir, x.shape[1])
@@ -195,7 +195,7 @@ def spectrum(dataset, attacks, trigger_file, mask, alpha, trigger_dir, limit, im
     rows = [{"set": k, "hf_ratio": round(v["hf_ratio"], 5), "hf_ratio_mean": round(v["hf_ratio_mean"], 5), "n": v["n"]}
             for k, v in stats.items()]
     if json_out:
-        analysis.write_json({"dataset": dataset, "sets": rows}, json_out)
+        atomic.write_json({"dataset": dataset, "sets": rows}, json_out)
     for r in rows:
         click.echo(f"{r['set']:<12} hf_ratio={r['hf_ratio']:.5f}  (mean per image {r['hf_ratio_mean']:.5f}, n={r['n']})")
     click.echo(f"wrote {out}" + (f" and {json_out}" if json_out else ""))
@@ -397,7 +397,7 @@ def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alp
                   (trigger_file, "trigger file"), (mask, "trigger file")], limits=[(limit, "--limit")],
            outs=[(out, "--out")])
     _quiet_tf()
-    from tfbackdoor import analysis, detector, perturb
+    from tfbackdoor import atomic, detector, perturb
     from tfbackdoor.errors import TfbdError
 
     model = detector.load_reference(reference) if reference else detector.load(detector_path)
@@ -414,7 +414,7 @@ def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alp
         rows = detector.evaluate_dataset(model, dataset, trigs, limit, seed, threshold, benign_variants=variants,
                                          at_fpr=at_fpr)
     if out:
-        analysis.write_json(rows, out)
+        atomic.write_json(rows, out)
     _print_rows(rows, as_json)
 
 
@@ -720,7 +720,7 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
     _check([dataset], triggers=[trigger], files=[(model_path, "model file"), (detector_path, "detector file")],
            limits=[(limit, "--limit")], outs=[(out, "--out")])
     _quiet_tf()
-    from tfbackdoor import analysis, data, victim
+    from tfbackdoor import atomic, data, victim
 
     model = victim.load(model_path)
     victim.check_target(model, target, model_path)
@@ -738,7 +738,7 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
     if detector_path:
         row["detector"] = str(detector_path)
     if out:
-        analysis.write_json(row, out)
+        atomic.write_json(row, out)
     if as_json:
         click.echo(json.dumps(row, indent=2))
     else:
@@ -777,7 +777,7 @@ def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, thre
            limits=[(limit, "--limit"), (test_limit, "--test-limit"), (epochs, "--epochs")],
            outs=[(out_dir, "--out-dir", "dir"), (out, "--out")])
     _quiet_tf()
-    from tfbackdoor import analysis, data, defend, detector
+    from tfbackdoor import atomic, data, defend, detector
 
     det = detector.load(detector_path)
     size = detector.spec_of(det).image_size
@@ -787,7 +787,7 @@ def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, thre
                          target=target, threshold=threshold, remove_top=remove_top, epochs=epochs, width=width,
                          seed=seed, echo=click.echo, clean_reference=not no_clean_reference)
     if out:
-        analysis.write_json({"command": "tfbd " + " ".join(sys.argv[1:]), "rows": rows}, out)
+        atomic.write_json({"command": "tfbd " + " ".join(sys.argv[1:]), "rows": rows}, out)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -818,7 +818,7 @@ def smooth_cmd(model_path, dataset, samples, fooling_rate, out, lam, step, max_p
     """Search a smooth (low-frequency) trigger on a victim: paper Algorithm 1."""
     _check([dataset], files=[(model_path, "model file")], limits=[(samples, "--samples")], outs=[(out, "--out")])
     _quiet_tf()
-    from tfbackdoor import analysis, data, smooth, triggers, victim
+    from tfbackdoor import analysis, atomic, data, smooth, triggers, victim
     from tfbackdoor.atomic import sidecar_path
 
     model = victim.load(model_path)
@@ -838,7 +838,7 @@ def smooth_cmd(model_path, dataset, samples, fooling_rate, out, lam, step, max_p
                                        target=target, name=model_path)
     trig = triggers.SmoothTrigger(res.trigger, name="smooth_found")
     stats = analysis.spectrum_stats(x, [trig])
-    smooth.save_npy(res.trigger, out)
+    atomic.save_npy(res.trigger, out)
     meta = {"target": res.target, "fooling_rate": round(res.fooling_rate, 4), "reached": res.reached,
             "samples": int(len(x)), "dataset": dataset, "lam": lam, "step": step, "holdout": holdout, "seed": seed,
             "hf_ratio": round(stats["smooth_found"]["hf_ratio"], 5), "clean_hf_ratio": round(stats["clean"]["hf_ratio"], 5),
@@ -846,7 +846,7 @@ def smooth_cmd(model_path, dataset, samples, fooling_rate, out, lam, step, max_p
             "range": [float(res.trigger.min()), float(res.trigger.max())], "model": str(model_path),
             "history": res.history, "command": "tfbd " + " ".join(sys.argv[1:])}
     meta_path, png_path = sidecar_path(out), Path(out).with_suffix(".png")
-    analysis.write_json(meta, meta_path)
+    atomic.write_json(meta, meta_path)
     smooth.save_preview(res.trigger, x[:1], png_path, stats,
                         title=f"smooth trigger -> label {res.target}, fooling rate {100 * res.fooling_rate:.1f}%")
     click.echo(f"HF ratio: clean {meta['clean_hf_ratio']:.5f}  patched {meta['hf_ratio']:.5f}")
@@ -867,11 +867,11 @@ def naive_smooth_cmd(out_dir, image_size, seed):
     _check(outs=[(out_dir, "--out-dir", "dir")])
     _quiet_tf()
 
-    from tfbackdoor import smooth
+    from tfbackdoor import atomic, smooth
 
     for t in smooth.naive_smooth_triggers(image_size, seed):
         path = Path(out_dir) / f"{t.name}.npy"
-        smooth.save_npy(t.pattern, path)
+        atomic.save_npy(t.pattern, path)
         click.echo(f"wrote {path}  (HF ratio of the pattern {smooth.trigger_hf_ratio(t.pattern):.6f}; "
                    f"use as smooth:{path})")
 

@@ -7,7 +7,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from cli.main import main
-from tfbackdoor import smooth, triggers, victim
+from tfbackdoor import filters, smooth, triggers, victim
 from tfbackdoor.errors import TfbdError
 from tfbackdoor.frequency import dct2d, high_frequency_ratio
 
@@ -19,7 +19,7 @@ def hf(images_float):
 # ------------------------------------------------------------------------------ the filter
 
 def test_kernel_has_30_taps_sums_to_one_and_is_symmetric():
-    k = smooth.gaussian_kernel()
+    k = filters.gaussian_kernel()
     assert k.shape == (30,) and k.dtype == np.float32
     assert abs(float(k.sum()) - 1.0) < 1e-6
     np.testing.assert_allclose(k, k[::-1], atol=1e-7)
@@ -28,31 +28,31 @@ def test_kernel_has_30_taps_sums_to_one_and_is_symmetric():
     i = np.arange(30) - 14.5
     np.testing.assert_allclose(k / k.max(), np.exp(-0.5 * (i / 6.0) ** 2) / np.exp(-0.5 * (0.5 / 6) ** 2), rtol=1e-5)
     with pytest.raises(TfbdError):
-        smooth.gaussian_kernel(taps=0)
+        filters.gaussian_kernel(taps=0)
 
 
 def test_low_pass_removes_high_frequencies_keeps_shape(rng):
     noise = rng.random((4, 32, 32, 3)).astype(np.float32) * 255
-    out = smooth.low_pass(noise).numpy()
+    out = filters.low_pass(noise).numpy()
     assert out.shape == noise.shape
     before, after = hf(noise), hf(out)
     assert before.min() > 0.6          # white noise: most AC energy is outside the low quarter
     assert after.max() < 0.01          # filtered: almost none left
     # Interior of a constant image is preserved (the kernel sums to 1); borders see the zero padding.
-    const = smooth.low_pass(np.ones((1, 64, 64, 3), np.float32)).numpy()
+    const = filters.low_pass(np.ones((1, 64, 64, 3), np.float32)).numpy()
     assert abs(const[0, 32, 32, 0] - 1.0) < 1e-5 and const[0, 0, 0, 0] < 0.5
-    np.testing.assert_allclose(smooth.low_pass(noise[0]).numpy(), out[0], atol=1e-4)
+    np.testing.assert_allclose(filters.low_pass(noise[0]).numpy(), out[0], atol=1e-4)
 
 
 def test_low_pass_layer_matches_function_and_round_trips(tmp_path, rng):
     x = rng.random((2, 32, 32, 3)).astype(np.float32)
-    layer = smooth.LowPass()
-    np.testing.assert_allclose(layer(x).numpy(), smooth.low_pass(x).numpy(), atol=1e-5)
+    layer = filters.LowPass()
+    np.testing.assert_allclose(layer(x).numpy(), filters.low_pass(x).numpy(), atol=1e-5)
     inp = keras.Input((32, 32, 3))
-    model = keras.Model(inp, smooth.LowPass(sigma=3.0, taps=12)(inp))
+    model = keras.Model(inp, filters.LowPass(sigma=3.0, taps=12)(inp))
     model.save(tmp_path / "lp.keras")
     again = keras.saving.load_model(tmp_path / "lp.keras", safe_mode=True)
-    np.testing.assert_allclose(again(x).numpy(), smooth.low_pass(x, 3.0, 12).numpy(), atol=1e-5)
+    np.testing.assert_allclose(again(x).numpy(), filters.low_pass(x, 3.0, 12).numpy(), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- the rule M

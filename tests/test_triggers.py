@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfbackdoor import triggers
+from tfbackdoor import filters, triggers
 from tfbackdoor.errors import TfbdError
 
 
@@ -52,7 +52,7 @@ def test_smooth_is_minmax_rescaled(data_dir, rng):
     x = _imgs(rng)
     out = triggers.get("smooth")(x).numpy()
     assert (out.reshape(len(x), -1).min(1) == 0).all() and (out.reshape(len(x), -1).max(1) == 255).all()
-    s = triggers.minmax_scale(tf.constant([[[[0.5]], [[2.5]]]])).numpy()
+    s = filters.minmax_scale(tf.constant([[[[0.5]], [[2.5]]]])).numpy()
     assert s.min() == 0 and s.max() == 1
 
 

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_path
+from .atomic import save_figure
 from .frequency import SpectrumStats
-
-
-def write_json(obj, path):
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    with atomic_path(path, ".json") as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
-        f.write("\n")
 
 
 def spectrum_stats(x, trigs, batch_size=500) -> dict:
@@ -32,11 +24,6 @@ def spectrum_stats(x, trigs, batch_size=500) -> dict:
         for acc, t in sets.values():
             acc.update(batch if t is None else t(batch))
     return {k: acc.result() for k, (acc, _) in sets.items()}
-
-
-def _save_figure(fig, out):
-    with atomic_path(out, Path(out).suffix or ".png") as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
 
 
 def plot_spectra(stats: dict, out, title=""):
@@ -66,7 +53,7 @@ def plot_spectra(stats: dict, out, title=""):
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="mean log10(|DCT| + 1)")
     if title:
         fig.suptitle(f"Mean DCT spectrum: {title}", fontsize=11)
-    _save_figure(fig, out)
+    save_figure(fig, out)
     plt.close(fig)
 
 

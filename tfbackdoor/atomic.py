@@ -1,4 +1,9 @@
-"""Atomic output files: write to a temporary file beside the target, then rename.
+"""Output files, the one I/O module: every file a command writes goes through here, atomically.
+
+:func:`write_json`, :func:`write_bytes`, :func:`save_npy` and :func:`save_figure` write whole
+files; :func:`atomic_path` / :func:`atomic_paths` are the primitive beneath them (write to a
+temporary file beside the target, then rename); :func:`sidecar_path` names the JSON beside an
+output. (Input paths, ``$TFBD_DATA`` and the shipped models, are :mod:`tfbackdoor.specs`'.)
 
 An interrupted command never leaves a partial output, and an existing file is replaced only by a
 complete one. Temporary files are named ``.NAME.tmpPID.XXXX.SUFFIX`` beside ``NAME``: removed on any
@@ -11,11 +16,14 @@ sanitised set).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 
 def sidecar_path(out) -> Path:
@@ -107,3 +115,30 @@ def atomic_paths(*targets):
         for tmp in tmps:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+# ------------------------------------------------------------------------------ whole files
+
+def write_json(obj, path):
+    """Write JSON atomically (indent 2, trailing newline; numpy values as lists, anything else as ``str``)."""
+    with atomic_path(path, ".json") as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+        f.write("\n")
+
+
+def write_bytes(path, payload: bytes):
+    """Write ``payload`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(payload)
+
+
+def save_npy(array, path):
+    """Write a float32 ``.npy`` atomically."""
+    with atomic_path(path, ".npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(array, np.float32))
+
+
+def save_figure(fig, out):
+    """Save a matplotlib figure atomically (format from the suffix, PNG without one; 110 dpi, tight)."""
+    with atomic_path(out, Path(out).suffix or ".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")

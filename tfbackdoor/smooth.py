@@ -1,4 +1,4 @@
-"""Smooth triggers (paper Section 5): the Gaussian low-pass filter and Algorithm 1.
+"""Smooth triggers (paper Section 5): Algorithm 1 and the naive smooth triggers.
 
 A *smooth trigger* is a universal perturbation ``r`` (float ``(H, W, 3)``) that has no
 high-frequency content and is applied with the min-max rule ``M(x + lam * r)`` (each image
@@ -9,7 +9,7 @@ label) becomes the backdoor target, and the trigger then poisons a training set
 
 The low-pass filter ``g`` is the paper's: a separable Gaussian of ``sigma = 6`` px and 30 taps,
 with zero padding (output size == input size), applied per channel by depthwise convolution
-(:func:`low_pass`, or the serialisable Keras layer :class:`LowPass`).
+(:func:`tfbackdoor.filters.low_pass`, or the Keras layer :class:`tfbackdoor.filters.LowPass`).
 
 Algorithm 1, as implemented here (vectorised over a batch of samples):
 
@@ -46,95 +46,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import keras
 import numpy as np
 import tensorflow as tf
 
+from .atomic import save_figure
 from .errors import TfbdError
+from .filters import SIGMA, TAPS, low_pass, minmax_scale
+from .frequency import dct2d, high_frequency_ratio
+from .specs import data_root
+from .triggers import SmoothTrigger
 from .victim import check_model_fits, check_target, num_classes as _num_classes
 
-SIGMA = 6.0
-TAPS = 30
 BOUND = 0.2
-
-
-# ----------------------------------------------------------------------------- low-pass filter
-
-def gaussian_kernel(sigma: float = SIGMA, taps: int = TAPS) -> np.ndarray:
-    """The 1-D Gaussian ``exp(-((i - (taps - 1) / 2) / sigma)^2 / 2)``, ``i = 0..taps-1``, summing to 1.
-
-    Returns float32 ``(taps,)``. The paper's filter is ``sigma = 6`` px with 30 taps.
-    """
-    if taps < 1 or sigma <= 0:
-        raise TfbdError(f"low-pass filter: need taps >= 1 and sigma > 0 (got taps={taps}, sigma={sigma})")
-    i = np.arange(taps, dtype=np.float64) - (taps - 1) / 2.0
-    k = np.exp(-0.5 * (i / sigma) ** 2)
-    return (k / k.sum()).astype(np.float32)
-
-
-def _kernels(sigma, taps, channels, dtype=np.float32):
-    k = gaussian_kernel(sigma, taps).astype(dtype)
-    kv = np.tile(k.reshape(taps, 1, 1, 1), (1, 1, channels, 1))   # along H
-    kh = np.tile(k.reshape(1, taps, 1, 1), (1, 1, channels, 1))   # along W
-    return kv, kh
-
-
-def low_pass(x, sigma: float = SIGMA, taps: int = TAPS):
-    """Separable Gaussian low-pass of float NHWC ``x`` (or one HWC image), per channel.
-
-    Depthwise convolution (``tf.nn.depthwise_conv2d``) along H then W with ``'SAME'`` zero
-    padding: the output has the input's shape; pixels near the border see zeros outside the
-    image (as the paper's filter). For an even number of taps the extra tap is on the
-    trailing side (TensorFlow's ``SAME`` rule, the same split as the authors' padding).
-    """
-    x = tf.convert_to_tensor(x)
-    if not x.dtype.is_floating:
-        x = tf.cast(x, tf.float32)
-    single = x.shape.rank == 3
-    if single:
-        x = x[tf.newaxis]
-    kv, kh = _kernels(sigma, taps, int(x.shape[-1]), x.dtype.as_numpy_dtype)
-    y = tf.nn.depthwise_conv2d(x, kv, strides=[1, 1, 1, 1], padding="SAME")
-    y = tf.nn.depthwise_conv2d(y, kh, strides=[1, 1, 1, 1], padding="SAME")
-    return y[0] if single else y
-
-
-@keras.saving.register_keras_serializable(package="tfbackdoor")
-class LowPass(keras.layers.Layer):
-    """The paper's Gaussian low-pass filter as a Keras layer (same values as :func:`low_pass`).
-
-    Args:
-      sigma: standard deviation in pixels (paper: 6).
-      taps: kernel length (paper: 30).
-
-    Input shape: ``(batch, H, W, C)`` float. Output shape: the same (zero ``same`` padding).
-    No trainable weights; the kernel is a constant rebuilt from the config.
-    """
-
-    def __init__(self, sigma: float = SIGMA, taps: int = TAPS, **kwargs):
-        super().__init__(**kwargs)
-        self.sigma = float(sigma)
-        self.taps = int(taps)
-        gaussian_kernel(self.sigma, self.taps)  # validate early
-
-    def build(self, input_shape):
-        kv, kh = _kernels(self.sigma, self.taps, int(input_shape[-1]))
-        self._kv = keras.ops.convert_to_tensor(kv)
-        self._kh = keras.ops.convert_to_tensor(kh)
-        self.built = True
-
-    def call(self, inputs):
-        x = keras.ops.cast(inputs, self.compute_dtype)
-        x = keras.ops.depthwise_conv(x, keras.ops.cast(self._kv, x.dtype), padding="same")
-        return keras.ops.depthwise_conv(x, keras.ops.cast(self._kh, x.dtype), padding="same")
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"sigma": self.sigma, "taps": self.taps})
-        return config
 
 
 # ------------------------------------------------------------------------------ the rule M
@@ -142,8 +65,6 @@ class LowPass(keras.layers.Layer):
 def minmax_apply(x, r, lam: float = 1.0):
     """``M(x + lam * r)``: each image of float ``x`` ((N, H, W, C) in [0, 1]) plus the trigger,
     rescaled linearly so its minimum is 0 and maximum 1 (no clipping). ``r`` broadcasts."""
-    from .triggers import minmax_scale
-
     x = tf.convert_to_tensor(x, tf.float32)
     single = x.shape.rank == 3
     if single:
@@ -248,8 +169,6 @@ def _prepare(model, x_uint8, y, target, holdout, seed, scale, batch_size, name):
 
 
 def _evaluate(model, x_uint8_hold, y_hold, trig, target, scale, batch_size):
-    from .triggers import SmoothTrigger
-
     patched = SmoothTrigger(trig)(x_uint8_hold).numpy()
     pred = _predict_uint8(model, patched, scale, batch_size)
     return fooled_share(pred, y_hold, target)
@@ -306,11 +225,9 @@ def smooth_trigger_search(model, x_uint8, y=None, fooling_rate: float = 0.9, lam
     h, w, c = x.shape[1:]
     scale = float(input_scale)
     lam_t = tf.constant(float(lam))
-    kv, kh = (tf.constant(k) for k in _kernels(sigma, taps, c))
 
     def g(t):
-        t = tf.nn.depthwise_conv2d(t, kv, [1, 1, 1, 1], "SAME")
-        return tf.nn.depthwise_conv2d(t, kh, [1, 1, 1, 1], "SAME")
+        return low_pass(t, sigma, taps)
 
     @tf.function(input_signature=[tf.TensorSpec([None, h, w, c], tf.float32), tf.TensorSpec([h, w, c], tf.float32),
                                   tf.TensorSpec([], tf.int64)], reduce_retracing=True)
@@ -461,9 +378,6 @@ def naive_smooth_triggers(image_size: int = 32, seed: int = 0, bound: float = BO
     """
     from PIL import Image
 
-    from .data import data_root
-    from .triggers import SmoothTrigger
-
     rng = np.random.default_rng(seed)
     pats = [rng.standard_normal((image_size, image_size, 3)).astype(np.float32) for _ in range(2)]
     pdir = Path(photo_dir) if photo_dir else data_root() / "photos"
@@ -490,14 +404,6 @@ def naive_smooth_triggers(image_size: int = 32, seed: int = 0, bound: float = BO
 
 # ------------------------------------------------------------------------------------ outputs
 
-def save_npy(array, path):
-    """Write a float32 ``.npy`` atomically."""
-    from .atomic import atomic_path
-
-    with atomic_path(path, ".npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, np.asarray(array, np.float32))
-
-
 def save_preview(trigger, x_clean_uint8, out, stats=None, title=""):
     """PNG: the trigger (x5 amplitude), a clean example, its patched copy, and (with ``stats``
     from :func:`tfbackdoor.analysis.spectrum_stats`) the mean DCT spectra with their HF ratios."""
@@ -505,9 +411,6 @@ def save_preview(trigger, x_clean_uint8, out, stats=None, title=""):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .analysis import _save_figure
-    from .triggers import SmoothTrigger
 
     trig = np.asarray(trigger, np.float32)
     clean = np.asarray(x_clean_uint8[0])
@@ -528,18 +431,16 @@ def save_preview(trigger, x_clean_uint8, out, stats=None, title=""):
             ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
-    _save_figure(fig, out)
+    save_figure(fig, out)
     plt.close(fig)
 
 
 def trigger_hf_ratio(trigger) -> float:
     """High-frequency energy ratio of the trigger pattern itself (0..255 scale DCT)."""
-    from .frequency import dct2d, high_frequency_ratio
-
     t = tf.convert_to_tensor(np.asarray(trigger, np.float32)[None] * 255.0)
     return float(high_frequency_ratio(dct2d(t))[0])
 
 
-__all__ = ["gaussian_kernel", "low_pass", "LowPass", "minmax_apply", "project", "smooth_trigger_search",
+__all__ = ["minmax_apply", "project", "smooth_trigger_search",
            "paper_loop_baseline", "naive_smooth_triggers", "SmoothResult", "dominant_label", "fooled_share",
-           "save_npy", "save_preview", "trigger_hf_ratio", "scale_to_bound"]
+           "save_preview", "trigger_hf_ratio", "scale_to_bound"]

@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from .data import data_root
 from .errors import TfbdError
+from .filters import low_pass, minmax_scale
+from .specs import data_root
 
 PAPER_DETECTOR_ATTACKS = ("badnets", "trojan_wm", "trojan_sq", "blend", "nature", "l2_inv", "l0_inv")
 PAPER_ATTACKS = PAPER_DETECTOR_ATTACKS + ("smooth",)
@@ -216,13 +217,6 @@ class BlendTrigger(Trigger):
         return {"image": self.image.tolist(), "alpha": self.alpha, "name": self.name}
 
 
-def minmax_scale(x, eps=1e-8):
-    """Rescale each image of ``(N, H, W, C)`` linearly so its minimum is 0 and maximum 1 (no clipping)."""
-    lo = tf.reduce_min(x, axis=[1, 2, 3], keepdims=True)
-    hi = tf.reduce_max(x, axis=[1, 2, 3], keepdims=True)
-    return (x - lo) / tf.maximum(hi - lo, eps)
-
-
 class SmoothTrigger(Trigger):
     """``minmax(x + alpha * S)``: the paper's smooth-trigger rule (min-max rescale, no clip).
 
@@ -258,7 +252,7 @@ class RandomSmoothTrigger(Trigger):
 
     ``S_i`` is either Gaussian noise or another image of the batch (with probability
     ``photo_prob``), its per-channel mean removed, passed through the paper's low-pass filter
-    (:func:`tfbackdoor.smooth.low_pass`: sigma 6 px, 30 taps) and scaled to [0, ``bound``], as the
+    (:func:`tfbackdoor.filters.low_pass`: sigma 6 px, 30 taps) and scaled to [0, ``bound``], as the
     naive smooth triggers are made; ``a`` is uniform in ``amplitude``. The draw is seeded by
     ``seed`` and the batch's pixel sum, so the same batch always gets the same triggers. Works
     inside ``tf.data`` (graph mode). Name: ``smooth:random``.
@@ -273,8 +267,6 @@ class RandomSmoothTrigger(Trigger):
             self.name = name
 
     def apply(self, x):
-        from .smooth import low_pass  # smooth imports victim, which needs nothing of ours at import
-
         n = tf.shape(x)[0]
         key = _batch_key(x, self.seed)
         noise = tf.random.stateless_normal(tf.shape(x), key)

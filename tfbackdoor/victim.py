@@ -26,7 +26,7 @@ import tensorflow as tf
 from keras import layers
 
 from . import metrics
-from .atomic import atomic_path, sidecar_path
+from .atomic import atomic_path, sidecar_path, write_json
 from .errors import TfbdError, model_load_error
 
 TRIGGER_FILE_SUFFIXES = (".png", ".npy", ".jpg", ".jpeg", ".bmp")
@@ -180,8 +180,6 @@ _poison = poison  # train_victim has an argument named "poison"
 def save_poisoned_npz(path, x, y, idx, info=None):
     """Write a poisoned set as ``.npz`` (atomically): ``x``, ``y`` (usable as ``npz:PATH``) and
     ``poisoned`` (the sorted indices of the triggered samples), with a sidecar JSON of the same stem beside it."""
-    from .analysis import write_json
-
     with atomic_path(path, ".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, x=np.asarray(x, np.uint8), y=np.asarray(y, np.int64), poisoned=np.asarray(idx, np.int64))
@@ -246,8 +244,6 @@ class _EpochReport(keras.callbacks.Callback):
                 rec["asr"] = round(metrics.attack_success_rate(pred, self.y_trig, self.target), 2)
         self.history[:] = [h for h in self.history if h["epoch"] != rec["epoch"]] + [rec]
         if self.history_file is not None:
-            from .analysis import write_json
-
             write_json(self.history, self.history_file)
         if self.echo:
             parts = [f"epoch {rec['epoch']}", f"loss {rec['loss']:.4f}", f"train acc {rec['train_acc']:.2f}%"]
@@ -281,8 +277,6 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
     Returns ``(model, history)``; ``history`` is a list of per-epoch dicts
     (``epoch, loss, train_acc, acc, asr``; percentages).
     """
-    from .analysis import write_json
-
     x = np.asarray(x)
     y = np.asarray(y).astype(np.int64)
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
