@@ -440,3 +440,81 @@ def test_saved_info_is_portable_and_keeps_the_same_exclusions(tmp_path):
     legacy = detector.build(info={"exclude": {"cifar10:train": [f"{root}/cifar10/train/dog/0001.jpg"]}})
     assert detector._exclusions(legacy, "cifar10:train") == detector._exclusions(model, "cifar10:train") == {"dog/0001.jpg"}
     assert detector.relative_id("cifar10:train", f"{root}/cifar10/train/dog/0001.jpg") == "dog/0001.jpg"
+
+
+def test_bulky_exclusions_go_to_a_manifest_beside_the_model(tmp_path, rng):
+    """Issue 15 item 16: tens of thousands of excluded ids live in NAME.keras.manifest.json (sha256 in the model)."""
+    import hashlib
+    import shutil
+    import zipfile
+
+    ids = [f"cifar10:lossless#{i}" for i in range(1500)]
+    nested = [f"n{i}" for i in range(1000)]
+    model = detector.build(info={"exclude": {"cifar10:lossless": ids, "gtsrb:test": ["00001.png"]},
+                                 "init": {"path": "a.keras", "info": {"exclude": {"x": nested}}}})
+    out = tmp_path / "d.keras"
+    detector.save(model, out)
+    man = detector.manifest_path(out)
+    assert man.name == "d.keras.manifest.json" and man.is_file()
+    assert detector.exclusions(model)["cifar10:lossless"] == ids          # in memory they stay inline
+    with zipfile.ZipFile(out) as z:
+        config = z.read("config.json").decode()
+    assert "lossless#1499" not in config and '"n999"' not in config     # the model holds a reference only
+    m = detector.load(out)
+    info = detector.spec_of(m).info
+    assert "exclude" not in info and "exclude" not in info["init"]["info"]
+    ref = info["exclude_manifest"]
+    assert ref["file"] == man.name and ref["counts"] == {"cifar10:lossless": 1500, "gtsrb:test": 1}
+    assert ref["sha256"] == hashlib.sha256(man.read_bytes()).hexdigest()
+    assert detector.exclusions(m) == {"cifar10:lossless": ids, "gtsrb:test": ["00001.png"]}
+    assert detector._exclusions(m, "cifar10:lossless") == set(ids)
+    assert json.loads(man.read_bytes())["sections"]["init.info.exclude"] == {"x": nested}
+
+    # fine-tuning a manifest model (in place) merges its new ids in and writes a manifest beside the new file
+    ft = detector.finetune(m, rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), tmp_path / "sub" / "ft.keras",
+                           epochs=1, repeat=1, batch_size=8, source_spec="npz:new.npz", sample_ids=["new#0"], verbose=0)
+    again = detector.exclusions(detector.load(tmp_path / "sub" / "ft.keras"))
+    assert again == {**detector.exclusions(ft), "cifar10:lossless": ids} and again["npz:new.npz"] == ["new#0"]
+    assert detector.manifest_path(tmp_path / "sub" / "ft.keras").is_file()
+
+    # the model alone still loads and scores; what needs the list says which file is missing, on one line
+    (tmp_path / "moved").mkdir()
+    shutil.copy(out, tmp_path / "moved" / "renamed.keras")
+    shutil.copy(man, tmp_path / "moved" / "renamed.keras.manifest.json")
+    assert detector.exclusions(detector.load(tmp_path / "moved" / "renamed.keras"))["cifar10:lossless"] == ids
+    lone = detector.load(shutil.copy(out, tmp_path / "sub" / "alone.keras"))
+    assert detector.score(lone, np.zeros((1, 32, 32, 3), np.uint8)).shape == (1,)
+    with pytest.raises(TfbdError) as e:
+        detector.load_eval_images(lone, "cifar10:lossless", limit=5)
+    assert str(e.value).startswith(f"{tmp_path / 'sub' / 'd.keras.manifest.json'}: exclusion manifest not found: "
+                                   "alone.keras keeps the ids of its 1501 ")
+    # a changed manifest is refused, by the library and by the CLI (one line, exit 2)
+    man.write_bytes(man.read_bytes().replace(b'"cifar10:lossless#7"', b'"cifar10:lossless#8"'))
+    with pytest.raises(TfbdError, match="sha256 does not match the one recorded in d.keras"):
+        detector.exclusions(detector.load(out))
+    np.savez(tmp_path / "s.npz", x=np.zeros((4, 32, 32, 3), np.uint8), y=np.zeros(4, int))
+    r = CliRunner().invoke(main, ["evaluate", "--detector", str(out), "--dataset", f"npz:{tmp_path / 's.npz'}",
+                                  "--attacks", "badnets", "--limit", "4"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == (f"tfbd: error: {man}: sha256 does not match the one recorded in "
+                                                 "d.keras (the manifest was changed or belongs to another model)")
+
+
+def test_inline_exclusions_of_older_models_still_work(tmp_path, monkeypatch):
+    """Models saved before manifests (the shipped ones) keep their lists inline and still load and exclude."""
+    from tfbackdoor import specs
+
+    shipped = detector.load(specs.shipped_model("detector_cifar10_smooth_tuned.keras"))
+    assert "exclude_manifest" not in detector.spec_of(shipped).info
+    assert len(detector.exclusions(shipped)["cifar10:train"]) > detector.MANIFEST_MIN_IDS
+    assert not detector.manifest_path(specs.shipped_model("detector_cifar10_smooth_tuned.keras")).exists()
+    ids = [f"cifar10:lossless#{i}" for i in range(1500)]
+    out = tmp_path / "d.keras"
+    detector.save(detector.build(info={"exclude": {"cifar10:lossless": ids}}), out)
+    assert detector.manifest_path(out).is_file()
+    monkeypatch.setattr(detector, "MANIFEST_MIN_IDS", 10**9)       # saved as before manifests: inline
+    detector.save(detector.build(info={"exclude": {"cifar10:lossless": ids}}), out)
+    assert not detector.manifest_path(out).exists()                 # the earlier, now stale, manifest went
+    m = detector.load(out)
+    assert detector.spec_of(m).info["exclude"]["cifar10:lossless"] == ids
+    assert detector._exclusions(m, "cifar10:lossless") == set(ids)

@@ -12,6 +12,7 @@ them. Inputs then go through :func:`tfbackdoor.frequency.dct2d` inside the pipel
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -126,6 +127,7 @@ def load(path=None) -> keras.Model:
         spec_of(model)
     except TfbdError:
         raise TfbdError(f"{path}: not a tfbackdoor detector (no DetectorSpec layer; train one with tfbd train-detector)") from None
+    model.__dict__["_tfbd_path"] = str(path)   # where its exclusion manifest is (plain attribute, not saved)
     return model
 
 
@@ -183,16 +185,125 @@ def portable_info(info):
     return walk(dict(info or {}))
 
 
+# Exclusion lists (the ids a detector was fine-tuned or calibrated on; 47,000 for the shipped one)
+# of at least this many ids go to a manifest beside the model, not into its config (issue 15 item 16).
+MANIFEST_MIN_IDS = 1000
+MANIFEST_FORMAT = "tfbd-exclusions/1"
+
+
+def manifest_path(path) -> Path:
+    """The exclusion manifest beside detector ``path``: ``NAME.keras`` -> ``NAME.keras.manifest.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".manifest.json")
+
+
+def _split_manifest(info, model_name):
+    """``(info, manifest bytes or None)``: each bulky ``exclude`` dict of ``info`` (the top level's, or
+    a nested one such as ``init.info``'s) moves to the manifest's ``sections`` under its dotted place
+    and is replaced by ``exclude_manifest = {file, sha256, section, counts}``; small ones stay inline.
+    A nested ``exclude_manifest`` already there (an ``--init`` model's) is a record of that model's own
+    manifest, beside the recorded ``init.path``, and is kept as it is."""
+    sections, refs = {}, []
+
+    def walk(d, place):
+        out = {}
+        for k, v in d.items():
+            here = f"{place}.{k}" if place else k
+            if (k == "exclude" and isinstance(v, dict) and all(isinstance(ids, list) for ids in v.values())
+                    and sum(len(ids) for ids in v.values()) >= MANIFEST_MIN_IDS):
+                sections[here] = v
+                refs.append({"file": manifest_path(model_name).name, "sha256": None, "section": here,
+                             "counts": {part: len(ids) for part, ids in v.items()}})
+                out["exclude_manifest"] = refs[-1]
+            else:
+                out[k] = walk(v, here) if isinstance(v, dict) else v
+        return out
+
+    info = walk(info, "")
+    if not sections:
+        return info, None
+    blob = (json.dumps({"format": MANIFEST_FORMAT, "model": Path(model_name).name, "sections": sections},
+                       separators=(",", ":")) + "\n").encode()
+    digest = hashlib.sha256(blob).hexdigest()
+    for ref in refs:
+        ref["sha256"] = digest
+    return info, blob
+
+
+def _read_manifest(model, ref) -> dict:
+    """The ``exclude`` dict that ``ref`` (an ``exclude_manifest``) points to, checked against its sha256."""
+    src = model.__dict__.get("_tfbd_path")
+    if src is None:
+        raise TfbdError(f"{model.name}: its exclusion list is in {ref.get('file')}, beside its .keras file, "
+                        "which is not known here (load the model with detector.load)")
+    path = Path(src).parent / str(ref.get("file"))
+    if not path.is_file() and manifest_path(src).is_file():
+        path = manifest_path(src)   # the model and its manifest renamed together
+    n = sum((ref.get("counts") or {}).values())
+    if not path.is_file():
+        raise TfbdError(f"{path}: exclusion manifest not found: {Path(src).name} keeps the ids of its {n} "
+                        "fine-tuning/calibration images there, so evaluations can leave them out; copy it "
+                        "beside the model")
+    blob = path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != ref.get("sha256"):
+        raise TfbdError(f"{path}: sha256 does not match the one recorded in {Path(src).name} "
+                        "(the manifest was changed or belongs to another model)")
+    try:
+        section = json.loads(blob)["sections"][ref["section"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise TfbdError(f"{path}: not a valid exclusion manifest ({type(e).__name__}: {e})") from None
+    return section
+
+
+def exclusions(model) -> dict:
+    """``{dataset part: [ids]}`` the detector was fine-tuned or calibrated on (left out of evaluations):
+    inline in its info (small lists, and models saved before manifests) or read from its manifest
+    (:func:`manifest_path`; a missing or changed one is a one-line :class:`TfbdError` naming it)."""
+    info = spec_of(model).info
+    if "exclude" in info or "exclude_manifest" not in info:
+        return dict(info.get("exclude", {}))
+    ref = info["exclude_manifest"]
+    cache = model.__dict__.setdefault("_tfbd_exclusions", {})   # plain attribute, as _tfbd_score_fns
+    if ref.get("sha256") not in cache:
+        cache[ref.get("sha256")] = _read_manifest(model, ref)
+    return dict(cache[ref.get("sha256")])
+
+
+def _set_exclusions(spec, excl):
+    spec.info = {**{k: v for k, v in spec.info.items() if k != "exclude_manifest"}, "exclude": excl}
+
+
 def save(model, path):
     """Save atomically (a temporary file beside ``path``, then rename), with the recorded info made
-    portable (:func:`portable_info`: no absolute paths of this machine)."""
+    portable (:func:`portable_info`: no absolute paths of this machine). Bulky exclusion lists go to
+    :func:`manifest_path` beside it (renamed together with the model), the model keeping a reference
+    with the manifest's sha256; the model in memory keeps them inline."""
+    path = Path(path)
     try:
         spec = spec_of(model)
-        spec.info = portable_info(spec.info)
     except TfbdError:
-        pass
-    with atomic_path(path, ".keras") as tmp:
-        model.save(tmp)
+        spec = None
+    blob = None
+    if spec is not None:
+        if "exclude_manifest" in spec.info and "exclude" not in spec.info:
+            _set_exclusions(spec, exclusions(model))   # loaded with a manifest: write one beside the new file
+        spec.info = portable_info(spec.info)
+        full = spec.info
+        compact, blob = _split_manifest(full, path.name)
+    targets = [(path, ".keras")] + ([(manifest_path(path), ".json")] if blob else [])
+    try:
+        if spec is not None:
+            spec.info = compact
+        with atomic_paths(*targets) as tmps:
+            if blob:
+                Path(tmps[1]).write_bytes(blob)
+            model.save(tmps[0])
+    finally:
+        if spec is not None:
+            spec.info = full
+    model.__dict__["_tfbd_path"] = str(path)
+    if not blob and manifest_path(path).is_file():
+        manifest_path(path).unlink()   # an earlier save's, now stale: the lists are inline
 
 
 def adapt_normalization(model, x, domain, n=4096, seed=0):
@@ -402,7 +513,8 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
       forget them); e.g. 10,000 clean images, ``repeat=1``, one epoch = 20,000 inputs.
 
     The ids of the samples used (``sample_ids`` of ``source_spec``, and/or ``exclude``: a dict
-    spec -> ids) are stored in the model's :class:`DetectorSpec` (``info["exclude"]``) so
+    spec -> ids) are stored in the model's :class:`DetectorSpec` (``info["exclude"]``; from
+    :data:`MANIFEST_MIN_IDS` ids on, in a manifest beside the saved model: :func:`exclusions`) so
     :func:`evaluate_dataset` leaves them out. With ``x_calibration``
     (held-out clean images, not in ``x``; an array or a list of arrays, one per source) and
     ``target_fpr``, the threshold is set again (:func:`calibrate_threshold` with
@@ -413,6 +525,7 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
     spec = spec_of(model)
     if trigger is not None and not 0 < trigger_share <= 1:
         raise TfbdError(f"--trigger-share must be in (0, 1] (got {trigger_share})")
+    exclusions(model)   # a missing or changed manifest fails now, not after the training
     keras.utils.set_random_seed(seed)
     _compile(model, lr)
     ds = training_dataset(x, batch_size, seed, spec.domain, benign, manipulation, repeat=repeat, extra_poison=trigger,
@@ -424,10 +537,10 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
     if source_spec and sample_ids is not None:
         exclude[source_spec] = list(sample_ids)
     if exclude:
-        excl = dict(spec.info.get("exclude", {}))
+        excl = exclusions(model)
         for part, ids in exclude.items():
             excl[part] = sorted(set(excl.get(part, [])) | set(ids))
-        spec.info = {**spec.info, "exclude": excl}
+        _set_exclusions(spec, excl)
     record = {"n": int(len(x)), "epochs": epochs, "repeat": repeat, "lr": lr, "source": source_spec, "command": command,
               "manipulations": list((manipulation or perturb.RandomManipulation()).kinds)}
     if trigger is not None:
@@ -478,8 +591,7 @@ def score(model, images, batch_size=256) -> np.ndarray:
 
 
 def _exclusions(model, spec_str):
-    excl = spec_of(model).info.get("exclude", {})
-    return {relative_id(spec_str, i) for i in excl.get(spec_str, [])}
+    return {relative_id(spec_str, i) for i in exclusions(model).get(spec_str, [])}
 
 
 def load_eval_images(model, dataset, limit=None, seed=0, also=()):
