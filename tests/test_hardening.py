@@ -326,3 +326,28 @@ def test_demo_explains_the_hf_ratio_and_says_when_the_screener_misses(tmp_path):
     missed = {row[0].rsplit("_", 1)[0] for row in rows if row[-1] == "clean"}
     for name in missed:
         assert f"samples through" in r.output and f" {name} samples" in r.output
+
+
+def test_demo_figure_shows_the_screened_images_with_their_verdicts_beside_the_spectra(tmp_path, monkeypatch):
+    from tfbackdoor import analysis
+
+    figures = []
+    save = analysis.save_figure
+    monkeypatch.setattr(analysis, "save_figure", lambda fig, out: (figures.append(fig), save(fig, out)))
+    lines = []
+    result = analysis.demo(tmp_path / "d.png", echo=lines.append)
+    (fig,) = figures
+    assert fig.get_layout_engine() is not None                      # constrained: no overlapping labels
+    axes = [ax for ax in fig.axes if ax.get_images()]
+    pictures = [ax for ax in axes if ax.get_images()[0].get_array().shape == (32, 32, 3)]
+    spectra = [ax for ax in axes if ax.get_images()[0].get_array().ndim == 2]
+    sets = ["clean", "badnets", "noise_blend", "checker"]
+    assert len(pictures) == 16 and [ax.get_ylabel() for ax in pictures[::4]] == sets   # 4 images per set
+    assert [ax.get_title().split()[:2] for ax in spectra] == [["HF", "ratio"]] * 4
+    assert result["panels"]["spectra"] == sets and len(result["panels"]["images"]) == 16
+    if result["verdicts"]:                                           # the shipped screener is there
+        titles = [ax.get_title() for ax in pictures]
+        assert [t.split()[1] for t in titles] == [v[2] for v in result["verdicts"]]
+        missed = [t for t, v in zip(titles, result["verdicts"]) if v[0] != "clean" and v[2] == "clean"]
+        assert all(t.endswith("(missed)") for t in missed)
+    assert any(line.startswith(f"wrote {tmp_path / 'd.png'}: each set's first 4 sample images") for line in lines)
