@@ -491,9 +491,9 @@ def shard(dataset, out, shards, image_size, limit, seed):
     _check([dataset], limits=[(limit, "--limit"), (shards, "--shards"), (image_size, "--image-size")],
            outs=[(str(out)[9:], "--out")])
     _quiet_tf()
-    from tfbackdoor import shards as shards_mod
+    from tfbackdoor import data
 
-    summary = shards_mod.write_shards(dataset, out, shards, image_size=image_size, limit=limit, seed=seed)
+    summary = data.write_shards(dataset, out, shards, image_size=image_size, limit=limit, seed=seed)
     for item in summary["skipped"]:
         click.echo(f"tfbd: skipped unreadable item: {item}", err=True)
     click.echo(json.dumps(summary))

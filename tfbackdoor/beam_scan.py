@@ -87,9 +87,9 @@ def pipeline_options(runner="direct", num_workers=None, options=()) -> PipelineO
 def work_units(dataset: str, limit=None, seed=0) -> list:
     """The launcher's list of work units for ``dataset`` (nothing decoded; see the module doc)."""
     from . import data as data_mod
+    from .decode import file_id, subset
 
     units = []
-    file_id = getattr(data_mod, "file_id", str)
     for part in [p.strip() for p in dataset.split("+") if p.strip()]:
         if shards.is_shard_spec(part):
             if limit is not None:
@@ -101,7 +101,7 @@ def work_units(dataset: str, limit=None, seed=0) -> list:
             raise TfbdError(f"{part}: generated or downloaded datasets are not read by --runner; "
                             f"write them as shards first (tfbd shard --dataset {part} --out tfrecord:PREFIX)")
         src = data_mod.resolve(part)
-        idx = data_mod._subset(len(src), limit, seed, None)
+        idx = subset(len(src), limit, seed, None)
         for s in range(0, len(idx), CHUNK):
             chunk = idx[s:s + CHUNK]
             if src.x is not None:
@@ -137,13 +137,14 @@ class ReadDecode(beam.DoFn):
         import tensorflow as tf
 
         from . import data as data_mod
+        from . import decode as dec
 
-        self._tf, self._data = tf, data_mod
+        self._tf, self._data, self._dec = tf, data_mod, dec
         self._decode_bytes = shards.decoder(self.size)
         size = self.size
-        self._decode_file = tf.function(lambda p: data_mod._decode_file(p, size), autograph=False,
+        self._decode_file = tf.function(lambda p: dec.decode_file(p, size), autograph=False,
                                         input_signature=[tf.TensorSpec([], tf.string)])
-        self._resize = tf.function(lambda x: data_mod._resize_uint8(x, size), autograph=False,
+        self._resize = tf.function(lambda x: dec.resize_uint8(x, size), autograph=False,
                                    input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
         self._arrays = {}
 
@@ -180,13 +181,12 @@ class ReadDecode(beam.DoFn):
         else:
             for path, label, ident in what:
                 try:
-                    if path.lower().endswith(self._data._TF_DECODABLE):
+                    if path.lower().endswith(self._dec.TF_DECODABLE):
                         img = self._decode_file(self._tf.constant(os.fsencode(path))).numpy()
                     else:
-                        img = self._data._decode_with_pil(path, self.size)
+                        img = self._dec.decode_with_pil(path, self.size)
                 except Exception:
-                    diagnose = getattr(self._data, "diagnose", None)
-                    yield self._bad(ident, diagnose(path) if diagnose else "unreadable or corrupt image")
+                    yield self._bad(ident, self._dec.diagnose(path))
                     continue
                 self.read.inc()
                 yield ident, label, img

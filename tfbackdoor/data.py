@@ -25,6 +25,7 @@ Specs (``load(spec)`` returns a ``tf.data.Dataset`` of ``(uint8 HxWx3 image, int
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -33,10 +34,11 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from . import shards as shards_mod
+from .atomic import atomic_path
+from .decode import (IMAGE_EXTENSIONS, TF_DECODABLE, SkippedItems, decode_file, decode_with_pil, diagnose,
+                     file_id, max_pixels, resize_uint8, subset)
 from .errors import TfbdError, dataset_hint
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".webp", ".tif", ".tiff")
-_TF_DECODABLE = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 # The short names, data_root and the crop sources live in the TF-free specs module (fast CLI checks).
 from .specs import CROP_SOURCES, DEFAULT_CROPS, SHORT_NAMES, data_root  # noqa: E402,F401
@@ -63,66 +65,6 @@ class Source:
 
 
 UNLABELLED = -1  # the label of the images of a flat dir: folder (no class sub-folders)
-
-
-class SkippedItems(UserWarning):
-    """Items of a dataset that were skipped; ``items`` holds their ``(id, reason)`` pairs."""
-
-    def __init__(self, message, items=()):
-        super().__init__(message)
-        self.items = list(items)
-
-
-def max_pixels() -> int:
-    """The largest pixel count (width x height, as declared in an image's header) that is decoded:
-    ``$TFBD_MAX_PIXELS`` or 40 million. Larger images (decompression bombs: a 1.5 MB PNG can declare
-    23000 x 23000 px, 1.6 GB decoded) are skipped and reported instead. One rule with the edge
-    screener, which owns it (it must run without this package)."""
-    from edge.screen import max_pixels as edge_max_pixels
-
-    try:
-        return edge_max_pixels()
-    except ValueError as e:
-        raise TfbdError(str(e)) from None
-
-
-def file_id(path: str) -> str:
-    """The id (report name) of a file: its path, with the bytes of a name that is not valid UTF-8
-    shown as ``\\xNN`` (the file itself is still read through its real name)."""
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def _too_large(w, h, limit, pixels=None):
-    size = f"{w}x{h} = " if w else ""
-    pixels = w * h if pixels is None else pixels
-    return (f"image too large: its header declares {size}{pixels / 1e6:.1f} megapixels, more than the limit of "
-            f"{limit / 1e6:g} (set TFBD_MAX_PIXELS to change it); not decoded")
-
-
-def diagnose(path) -> str:
-    """Why the image file ``path`` was not usable, from its header only (never decoded)."""
-    from PIL import Image
-
-    limit = max_pixels()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                w, h = im.size
-    except Image.DecompressionBombError as e:   # beyond Pillow's own limit: it gives only the pixel count
-        import re
-
-        found = re.search(r"\((\d+) pixels\)", str(e))
-        return _too_large(0, 0, limit, int(found.group(1))) if found else f"image too large ({e}); not decoded"
-    except FileNotFoundError:
-        return "file not found (removed while reading?)"
-    except Exception:
-        return "unreadable or corrupt image"
-    return _too_large(w, h, limit) if w * h > limit else "unreadable or corrupt image"
 
 
 def _check_arrays(spec, x, y):
@@ -358,118 +300,6 @@ def resolve(spec: str, image_size: int | None = None) -> Source:
     raise TfbdError(f"unknown dataset '{spec}'{dataset_hint(spec)} (known: {known})")
 
 
-def _resize_uint8(img, size):
-    """Resize a uint8 HxWx3 tensor to ``size`` x ``size`` (bilinear, antialiased); no-op when equal."""
-    def do():
-        r = tf.image.resize(tf.cast(img, tf.float32), (size, size), method="bilinear", antialias=True)
-        return tf.cast(tf.clip_by_value(tf.round(r), 0, 255), tf.uint8)
-
-    same = tf.logical_and(tf.equal(tf.shape(img)[0], size), tf.equal(tf.shape(img)[1], size))
-    out = tf.cond(same, lambda: img, do)
-    return tf.ensure_shape(out, (size, size, 3))
-
-
-def _bytes_at(data, start, n):
-    return tf.cast(tf.io.decode_raw(tf.strings.substr(data, start, n), tf.uint8), tf.int64)
-
-
-def _pil_pixels(path) -> np.int64:
-    """Pixel count declared in the header of ``path`` (Pillow, lazy: nothing decoded); 0 when
-    Pillow cannot tell (decoding will decide), a huge number for Pillow's own bomb limit."""
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path) as im:
-                return np.int64(im.size[0] * im.size[1])
-    except Image.DecompressionBombError:
-        return np.int64(2 ** 62)
-    except Exception:
-        return np.int64(0)
-
-
-def _declared_pixels(data, path):
-    """Width x height as declared by the header of the encoded image ``data`` (no decoding):
-    PNG, GIF, BMP and JPEG in the graph, any other format through Pillow."""
-    n = tf.strings.length(data)
-    head = tf.strings.substr(data, 0, 8)
-
-    def png():
-        b = _bytes_at(data, 16, 8)
-        w = ((b[0] * 256 + b[1]) * 256 + b[2]) * 256 + b[3]
-        h = ((b[4] * 256 + b[5]) * 256 + b[6]) * 256 + b[7]
-        return tf.minimum(w, 2 ** 31) * tf.minimum(h, 2 ** 31)  # no int64 overflow for forged sizes
-
-    def gif():
-        b = _bytes_at(data, 6, 4)
-        return (b[0] + 256 * b[1]) * (b[2] + 256 * b[3])
-
-    def bmp():
-        b = _bytes_at(data, 18, 8)
-        w = b[0] + 256 * (b[1] + 256 * (b[2] + 256 * b[3]))
-        h = b[4] + 256 * (b[5] + 256 * (b[6] + 256 * b[7]))
-        signed = lambda v: tf.where(v >= 2 ** 31, 2 ** 32 - v, v)  # noqa: E731  (bottom-up BMPs: negative)
-        return tf.minimum(signed(w), 2 ** 31) * tf.minimum(signed(h), 2 ** 31)
-
-    def jpeg():
-        s = tf.cast(tf.image.extract_jpeg_shape(data), tf.int64)
-        return s[0] * s[1]
-
-    def other():
-        return tf.reshape(tf.numpy_function(_pil_pixels, [path], tf.int64, stateful=False), [])
-
-    return tf.case([
-        (tf.logical_and(tf.equal(head, b"\x89PNG\r\n\x1a\n"), n >= 24), png),
-        (tf.logical_and(tf.strings.regex_full_match(tf.strings.substr(data, 0, 6), "GIF8[79]a"), n >= 10), gif),
-        (tf.logical_and(tf.equal(tf.strings.substr(data, 0, 2), b"BM"), n >= 26), bmp),
-        (tf.io.is_jpeg(data), jpeg),
-    ], default=other, exclusive=False)
-
-
-def _decode_file(path, size, limit=None):
-    """Decode and resize one file; an image whose header declares more than ``limit`` pixels
-    (default :func:`max_pixels`) fails before it is decoded."""
-    data = tf.io.read_file(path)
-    limit = max_pixels() if limit is None else limit
-    check = tf.debugging.assert_less_equal(_declared_pixels(data, path), tf.constant(limit, tf.int64),
-                                           message="image too large")
-    with tf.control_dependencies([check]):
-        img = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-    return _resize_uint8(img, size)
-
-
-def _decode_with_pil(path: str, size: int, limit: int | None = None) -> np.ndarray:
-    """Pillow fallback for formats TensorFlow cannot decode (webp, tiff, ppm); refuses an image whose
-    header declares more than ``limit`` pixels before decoding it."""
-    from PIL import Image
-
-    limit = max_pixels() if limit is None else limit
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im = Image.open(path)
-    with im:
-        if im.size[0] * im.size[1] > limit:
-            raise ValueError(_too_large(im.size[0], im.size[1], limit))
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BILINEAR)
-        return np.asarray(im, np.uint8)
-
-
-def _subset(n, limit, seed, shuffle):
-    idx = np.arange(n)
-    if shuffle is None:
-        shuffle = limit is not None
-    if shuffle:
-        idx = np.random.default_rng(seed).permutation(n)
-    if limit is not None:
-        if limit <= 0:
-            raise TfbdError(f"--limit must be positive (got {limit})")
-        idx = idx[:limit]
-    return idx
-
-
 def load(spec: str, image_size: int | None = None, limit: int | None = None, seed: int = 0,
          shuffle: bool | None = None, with_ids: bool = False, skipped: list | None = None) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` of ``(uint8 (S, S, 3) image, int64 label)`` for ``spec``.
@@ -494,17 +324,15 @@ def load(spec: str, image_size: int | None = None, limit: int | None = None, see
             out = out.concatenate(d)
         return out
     if spec.strip().partition(":")[0] in ("tfrecord", "tar"):   # sharded encoded images: tfbackdoor.shards
-        from . import shards
-
-        return shards.load(spec.strip(), image_size, limit, seed, shuffle, with_ids, skipped)
+        return shards_mod.load(spec.strip(), image_size, limit, seed, shuffle, with_ids, skipped)
     src = resolve(spec, image_size)
     size = int(image_size or src.image_size or 32)
-    idx = _subset(len(src), limit, seed, shuffle)
+    idx = subset(len(src), limit, seed, shuffle)
     if src.x is not None:
         x, y = src.x[idx], src.y[idx]
         ds = tf.data.Dataset.from_tensor_slices((x, y))
         if x.shape[1] != size or x.shape[2] != size:
-            ds = ds.map(lambda a, b: (_resize_uint8(a, size), b), num_parallel_calls=tf.data.AUTOTUNE)
+            ds = ds.map(lambda a, b: (resize_uint8(a, size), b), num_parallel_calls=tf.data.AUTOTUNE)
         if with_ids:
             ids = np.asarray([f"{spec}#{i}" for i in idx])
             ds = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(ids))).map(lambda xy, i: (xy[0], xy[1], i))
@@ -515,11 +343,11 @@ def load(spec: str, image_size: int | None = None, limit: int | None = None, see
 
 
 def _file_dataset(spec, files, labels, size, with_ids, skipped):
-    tf_ok = np.asarray([f.lower().endswith(_TF_DECODABLE) for f in files], bool)
+    tf_ok = np.asarray([f.lower().endswith(TF_DECODABLE) for f in files], bool)
     limit = max_pixels()
 
     def decode(path, label, ident):
-        return _decode_file(path, size, limit), label, ident
+        return decode_file(path, size, limit), label, ident
 
     # Paths go to TensorFlow as raw bytes (a name that is not valid UTF-8 is still read); the ids
     # reported are file_id()s, valid UTF-8.
@@ -536,7 +364,7 @@ def _file_dataset(spec, files, labels, size, with_ids, skipped):
         def gen():
             for f, lab in others:
                 try:
-                    yield _decode_with_pil(f, size, limit), lab, file_id(f)
+                    yield decode_with_pil(f, size, limit), lab, file_id(f)
                 except Exception:
                     continue
 
@@ -579,7 +407,7 @@ def expected_ids(spec: str, limit: int | None = None, seed: int = 0, shuffle: bo
     out = []
     for part in [p for p in spec.split("+") if p.strip()]:
         src = resolve(part)
-        idx = _subset(len(src), limit, seed, shuffle)
+        idx = subset(len(src), limit, seed, shuffle)
         out.extend([file_id(src.files[i]) for i in idx] if src.files is not None else [f"{part}#{i}" for i in idx])
     return out
 
@@ -605,7 +433,7 @@ def report_missing(spec, seen_ids, limit=None, seed=0, shuffle=None, skipped=Non
     for part in file_parts:
         src = resolve(part)
         items.extend(src.problems or [])
-        idx = _subset(len(src), limit, seed, shuffle)
+        idx = subset(len(src), limit, seed, shuffle)
         for i in idx:
             if file_id(src.files[i]) not in seen:
                 missing.append(file_id(src.files[i]))
@@ -617,3 +445,42 @@ def report_missing(spec, seen_ids, limit=None, seed=0, shuffle=None, skipped=Non
         if skipped is not None:
             skipped.extend(items)
     return missing
+
+
+# --------------------------------------------------------------------------- writing shards
+
+def write_shards(spec: str, out: str, shards: int, image_size=None, limit=None, seed=0, batch_size=256,
+                 progress=None) -> dict:
+    """Write the decoded images of ``spec`` as ``shards`` TFRecord files ``PREFIX-SSSSS-of-NNNNN.tfrecord``
+    (``out`` = ``tfrecord:PREFIX``; the format of :mod:`tfbackdoor.shards`): lossless PNG, the ids and
+    labels of ``spec``, item ``k`` in shard ``k % shards``. Each file is written beside its target and renamed when all are complete (an
+    interrupted run leaves none). Unreadable items are skipped and listed in the summary."""
+    if not str(out).startswith("tfrecord:") or not str(out)[9:]:
+        raise TfbdError(f"--out must be tfrecord:PREFIX (got '{out}')")
+    if shards <= 0:
+        raise TfbdError(f"--shards must be positive (got {shards})")
+    prefix = str(out)[9:]
+    names = [shards_mod.shard_name(prefix, i, shards) for i in range(shards)]
+    skipped = []
+    ds = load(spec, image_size=image_size, with_ids=True, limit=limit, seed=seed, skipped=skipped)
+    n, seen = 0, []
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_path(name, ".tfrecord")) for name in names]
+        writers = [tf.io.TFRecordWriter(t) for t in tmps]
+        try:
+            for bx, by, bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
+                size = int(bx.shape[1])
+                for img, lab, ident in zip(bx, by, bi):
+                    ident = ident.decode()
+                    writers[n % shards].write(shards_mod.example(ident, int(lab), shards_mod.encode_png(img)))
+                    seen.append(ident)
+                    n += 1
+                if progress:
+                    progress(len(bx))
+        finally:
+            for w in writers:
+                w.close()
+        report_missing(spec, seen, limit, seed, None, skipped)
+        if not n:
+            raise TfbdError(f"{spec}: no readable images (nothing written)")
+    return {"dataset": spec, "n": n, "shards": names, "skipped": [s[0] for s in skipped], "image_size": size}

@@ -25,7 +25,7 @@ are read in sorted order, records in file order. Images are decoded exactly as `
 shards gives the scores of a scan of the original files. A record that cannot be used (corrupt
 image bytes, an image whose header declares more than ``$TFBD_MAX_PIXELS``, a record that is not
 an Example, a truncated file) is a :class:`BadItem`: :func:`iter_items` yields it with its reason,
-:func:`load` skips it with a :class:`tfbackdoor.data.SkippedItems` warning, the Beam scan writes it
+:func:`load` skips it with a :class:`tfbackdoor.decode.SkippedItems` warning, the Beam scan writes it
 to its dead-letter output.
 
 Import-light: TensorFlow is imported inside the functions that need it.
@@ -232,21 +232,17 @@ def decoder(size: int):
         return _DECODERS[size]
     import tensorflow as tf
 
-    from . import data as data_mod
+    from . import decode as dec
 
-    max_pixels = getattr(data_mod, "max_pixels", lambda: 40_000_000)
-    declared = getattr(data_mod, "_declared_pixels", None)
-    limit = int(max_pixels())
+    limit = int(dec.max_pixels())
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
     def _decode(data):
-        checks = []
-        if declared is not None:
-            checks.append(tf.debugging.assert_less_equal(declared(data, tf.constant(b"")), tf.constant(limit, tf.int64),
-                                                         message="image too large"))
-        with tf.control_dependencies(checks):
+        check = tf.debugging.assert_less_equal(dec.declared_pixels(data, tf.constant(b"")),
+                                               tf.constant(limit, tf.int64), message="image too large")
+        with tf.control_dependencies([check]):
             img = tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8)
-        return data_mod._resize_uint8(img, size)
+        return dec.resize_uint8(img, size)
 
     def decode(data: bytes):
         try:
@@ -255,11 +251,10 @@ def decoder(size: int):
             too_large = "image too large" in str(e)
         if not too_large and not data.startswith(_TF_MAGIC):   # webp, tiff...: Pillow, as dir: does
             try:
-                return data_mod._decode_with_pil(io.BytesIO(data), size)
+                return dec.decode_with_pil(io.BytesIO(data), size)
             except Exception:
                 pass
-        diagnose = getattr(data_mod, "diagnose", None)
-        reason = diagnose(io.BytesIO(data)) if diagnose else "unreadable or corrupt image"
+        reason = dec.diagnose(io.BytesIO(data))
         if too_large and not reason.startswith("image too large"):
             reason = f"image too large: more than {limit / 1e6:g} megapixels declared (TFBD_MAX_PIXELS); not decoded"
         raise BadItem(reason)
@@ -271,20 +266,20 @@ def decoder(size: int):
 def load(spec: str, image_size=None, limit=None, seed=0, shuffle=None, with_ids=False, skipped=None):
     """A ``tf.data.Dataset`` of ``(uint8 image, int64 label[, id])`` for a shard spec (see
     :func:`tfbackdoor.data.load`). Decoding runs in Python (one traced function); unusable items are
-    skipped, appended to ``skipped`` and named in one :class:`~tfbackdoor.data.SkippedItems` warning.
+    skipped, appended to ``skipped`` and named in one :class:`~tfbackdoor.decode.SkippedItems` warning.
     ``limit``: a seeded subset (the same rule as the other specs: first the records are counted),
     in stored order."""
     import numpy as np
     import tensorflow as tf
 
-    from . import data as data_mod
+    from .decode import SkippedItems, subset
 
     size = int(image_size or 32)
     files = expand(spec)
     keep = None
     if limit is not None:
         n = sum(1 for _ in iter_items(spec, files))
-        keep = set(int(i) for i in data_mod._subset(n, limit, seed, shuffle))
+        keep = set(int(i) for i in subset(n, limit, seed, shuffle))
 
     def gen():
         decode = decoder(size)
@@ -304,8 +299,7 @@ def load(spec: str, image_size=None, limit=None, seed=0, shuffle=None, with_ids=
                 skipped.extend(bad)
             listed = ", ".join(f"{i} ({r})" for i, r in bad[:10])
             msg = f"{spec}: skipped {len(bad)} item(s): {listed}" + (" ..." if len(bad) > 10 else "")
-            cls = getattr(data_mod, "SkippedItems", None)
-            warnings.warn(cls(msg, bad) if cls else msg)
+            warnings.warn(SkippedItems(msg, bad))
 
     ds = tf.data.Dataset.from_generator(gen, output_signature=(
         tf.TensorSpec((size, size, 3), tf.uint8), tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.string)))
@@ -336,47 +330,3 @@ def example(ident: str, label: int, encoded: bytes) -> bytes:
 
 def shard_name(prefix: str, i: int, n: int) -> str:
     return f"{prefix}-{i:05d}-of-{n:05d}.tfrecord"
-
-
-def write_shards(spec: str, out: str, shards: int, image_size=None, limit=None, seed=0, batch_size=256,
-                 progress=None) -> dict:
-    """Write the decoded images of ``spec`` as ``shards`` TFRecord files ``PREFIX-SSSSS-of-NNNNN.tfrecord``
-    (``out`` = ``tfrecord:PREFIX``): lossless PNG, the ids and labels of ``spec``, item ``k`` in shard
-    ``k % shards``. Each file is written beside its target and renamed when all are complete (an
-    interrupted run leaves none). Unreadable items are skipped and listed in the summary."""
-    import contextlib
-
-    import tensorflow as tf
-
-    from . import data as data_mod
-    from .atomic import atomic_path
-
-    if not str(out).startswith("tfrecord:") or not str(out)[9:]:
-        raise TfbdError(f"--out must be tfrecord:PREFIX (got '{out}')")
-    if shards <= 0:
-        raise TfbdError(f"--shards must be positive (got {shards})")
-    prefix = str(out)[9:]
-    names = [shard_name(prefix, i, shards) for i in range(shards)]
-    skipped = []
-    ds = data_mod.load(spec, image_size=image_size, with_ids=True, limit=limit, seed=seed, skipped=skipped)
-    n, seen = 0, []
-    with contextlib.ExitStack() as stack:
-        tmps = [stack.enter_context(atomic_path(name, ".tfrecord")) for name in names]
-        writers = [tf.io.TFRecordWriter(t) for t in tmps]
-        try:
-            for bx, by, bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
-                size = int(bx.shape[1])
-                for img, lab, ident in zip(bx, by, bi):
-                    ident = ident.decode()
-                    writers[n % shards].write(example(ident, int(lab), encode_png(img)))
-                    seen.append(ident)
-                    n += 1
-                if progress:
-                    progress(len(bx))
-        finally:
-            for w in writers:
-                w.close()
-        data_mod.report_missing(spec, seen, limit, seed, None, skipped)
-        if not n:
-            raise TfbdError(f"{spec}: no readable images (nothing written)")
-    return {"dataset": spec, "n": n, "shards": names, "skipped": [s[0] for s in skipped], "image_size": size}
