@@ -351,3 +351,65 @@ def test_demo_figure_shows_the_screened_images_with_their_verdicts_beside_the_sp
         missed = [t for t, v in zip(titles, result["verdicts"]) if v[0] != "clean" and v[2] == "clean"]
         assert all(t.endswith("(missed)") for t in missed)
     assert any(line.startswith(f"wrote {tmp_path / 'd.png'}: each set's first 4 sample images") for line in lines)
+
+
+# ----------------------------------------------------------------------------- item 1: a PNG bomb in scan
+
+_MEASURED = """
+import resource, sys
+sys.path.insert(0, {root!r})
+from cli.main import main
+try:
+    main(sys.argv[1:])
+finally:
+    print("maxrss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
+def _bomb_png(path, width, height):
+    """A valid PNG header declaring ``width x height`` with a few rows of data (a few KB on disk)."""
+    import struct
+    import zlib
+
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    idat = zlib.compress(b"\x00" * (3 * width + 1) * 4)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_scan_skips_a_png_bomb_from_its_header_and_stays_small(tmp_path):
+    import csv
+
+    from PIL import Image
+
+    (tmp_path / "ds").mkdir()
+    for i, img in enumerate(_images(2)):
+        Image.fromarray(img).save(tmp_path / "ds" / f"{i}.png")
+    _bomb_png(tmp_path / "ds" / "bomb.png", 23000, 23000)     # 1.6 GB decoded; 8.7 GB of scan before the fix
+    out = tmp_path / "r.csv"
+    r = subprocess.run([sys.executable, "-c", _MEASURED.format(root=str(ROOT)), "scan", "--dataset",
+                        f"dir:{tmp_path / 'ds'}", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (f"tfbd: skipped {tmp_path / 'ds' / 'bomb.png'}: image too large: its header declares "
+            "529.0 megapixels, more than the limit of 40") in r.stderr
+    rows = {Path(row["id"]).name: row["score"] for row in csv.DictReader(out.open())}
+    assert rows.keys() == {"0.png", "1.png", "bomb.png"} and rows["bomb.png"] == "" and rows["0.png"]
+    maxrss = int(r.stderr.split("maxrss_kb")[-1].split()[0])
+    assert maxrss < 1_500_000, maxrss    # KB: TensorFlow and the detector, never the 1.6 GB bitmap
+
+
+# ----------------------------------------------------------------------------- item 15: start-up noise
+
+def test_tensorflow_start_up_lines_are_hidden_unless_verbose(tmp_path):
+    np.savez(tmp_path / "ok.npz", x=_images(4), y=np.zeros(4, int))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}   # as on a user's terminal
+    args = ["scan", "--dataset", f"npz:{tmp_path / 'ok.npz'}", "--out", str(tmp_path / "r.csv")]
+    quiet, loud = (subprocess.run([sys.executable, "-m", "cli.main", *flag, *args], capture_output=True, text=True,
+                                  cwd=ROOT, env=env, timeout=300) for flag in ([], ["--verbose"]))
+    assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr[-2000:] + loud.stderr[-2000:]
+    assert quiet.stderr == ""            # no absl/oneDNN/cpu_feature_guard lines, no Python warnings
+    assert json.loads(quiet.stdout.strip().splitlines()[-1])["n"] == 4
+    # --verbose lets TensorFlow's own lines through (which ones depends on the CPU and build)
+    assert len(loud.stderr) >= len(quiet.stderr)
