@@ -1,4 +1,4 @@
-"""The evaluation attack zoo (tfbackdoor.zoo): shapes, determinism and one property per attack that can fail."""
+"""The evaluation attack zoo (tfbackdoor.triggers.zoo): shapes, determinism and one property per attack that can fail."""
 
 import json
 
@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 from scipy.fft import dctn
 
-from tfbackdoor import detector, triggers, zoo
+from tfbackdoor import detector, triggers
 from tfbackdoor.errors import TfbdError
+from tfbackdoor.triggers import zoo
 
 NEEDS_DATA = {"blended"}
 

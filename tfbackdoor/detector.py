@@ -619,7 +619,7 @@ def evaluate_images(model, x, attacks, threshold=None, benign_variants=(), at_fp
     the flag rate of the processed images (a false-positive rate too, lower is better).
 
     A trigger with a ``clean_transform`` (uint8 batch -> uint8 batch, e.g. the JPEG round trip of
-    :class:`tfbackdoor.zoo.JpegTrigger`) is compared against ``clean_transform(x)``: that row's
+    :class:`tfbackdoor.triggers.zoo.JpegTrigger`) is compared against ``clean_transform(x)``: that row's
     ``fpr`` and ``auroc`` use the clean images processed the same way (scored once per distinct
     transform). For ``clean+jpegQ`` both sides are the round trip, so its ``bdr`` = ``fpr`` is
     the flag rate of JPEG-saved clean images.

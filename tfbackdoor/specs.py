@@ -36,7 +36,7 @@ CROP_SOURCES = {"photos:crops": "photos"}
 DEFAULT_CROPS = 20000
 SPEC_FORMS = ("npz:PATH", "dir:PATH", "tfds:NAME[:SPLIT]", "crops:PATH[:N]")
 
-# Attack names accepted by tfbackdoor.triggers.get / expand and tfbackdoor.zoo.get (a copy:
+# Attack names accepted by tfbackdoor.triggers.get / expand and tfbackdoor.triggers.zoo.get (a copy:
 # tests/test_startup.py checks it equals triggers.available(), the groups and zoo.NAME_FORMS).
 PAPER_DETECTOR_ATTACKS = ("badnets", "trojan_wm", "trojan_sq", "blend", "nature", "l2_inv", "l0_inv")
 PAPER_ATTACKS = PAPER_DETECTOR_ATTACKS + ("smooth",)

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-from . import metrics
+from . import metrics, triggers
 from .atomic import atomic_path, sidecar_path, write_json
 from .errors import TfbdError, model_load_error
 
@@ -132,8 +132,6 @@ def predict(model, x, batch_size=256) -> np.ndarray:
 def resolve_trigger(spec, image_size=32, trigger_dir=None):
     """A trigger from a CLI string: an attack name (``badnets``, ``smooth``...), ``smooth:PATH.npy``,
     ``file:PATH``, or a bare path to a ``.png``/``.npy`` pattern (additive, ``clip(x + T)``)."""
-    from . import triggers
-
     if isinstance(spec, triggers.Trigger):
         return spec
     s = str(spec).strip()

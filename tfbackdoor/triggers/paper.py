@@ -1,9 +1,8 @@
-"""Backdoor triggers: vectorised ``uint8 batch -> uint8 batch`` transforms with a registry.
+"""The paper's triggers and the generic building blocks (patch, additive, blend, smooth, OneOf, Compose).
 
-Every trigger is a callable object: ``trigger(images)`` takes a uint8 tensor ``(N, H, W, 3)``
-(or a single ``(H, W, 3)`` image) and returns a uint8 tensor of the same shape. They are plain
-TensorFlow ops, so they run inside ``tf.data`` maps, in models and in tests with the same code,
-and they round-trip through ``get_config`` / :func:`from_config`.
+Each is a :class:`~tfbackdoor.triggers.base.Trigger` (``uint8 batch -> uint8 batch``, TensorFlow
+ops, so they run inside ``tf.data`` maps, in models and in tests with the same code) and
+round-trips through ``get_config`` / :func:`~tfbackdoor.triggers.base.from_config`.
 
 Rules (images as float in [0, 1], as the paper's code applies them):
 
@@ -21,9 +20,6 @@ the 32x32 cartoon, as the paper did for its large-input experiments.
 
 Built-ins that need no file: ``badnets``, ``noise_blend`` (a fixed random-noise pattern blended
 at 0.1) and ``checker`` (a procedural 5x5 black/white checkerboard patch, bottom-right).
-
-Other people's attacks for evaluation (BadNets 3x3, Blended, SIG, WaNet, FTrojan, CTRL, LF, ART's
-triggers, ``NAME+jpegQ``) live in :mod:`tfbackdoor.zoo` and are resolved by :func:`get` too.
 """
 
 from __future__ import annotations
@@ -33,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from .errors import TfbdError
-from .filters import low_pass, minmax_scale
-from .specs import data_root
+from ..errors import TfbdError
+from ..filters import low_pass, minmax_scale
+from .base import _CLASSES, Trigger, _batch_key, _resize_pattern, read_pattern, serialize, trigger_dir_default
 
 PAPER_DETECTOR_ATTACKS = ("badnets", "trojan_wm", "trojan_sq", "blend", "nature", "l2_inv", "l0_inv")
 PAPER_ATTACKS = PAPER_DETECTOR_ATTACKS + ("smooth",)
@@ -50,44 +46,6 @@ _FILES = {
     "l0_inv": "l0_inv.png",
     "smooth": "smooth_cifar10.npy",
 }
-
-
-def _as_batch(images):
-    images = tf.convert_to_tensor(images)
-    if images.dtype != tf.uint8:
-        raise TypeError(f"triggers take uint8 images, got {images.dtype}")
-    single = images.shape.rank == 3
-    return (images[tf.newaxis] if single else images), single
-
-
-def _to_uint8(x):
-    return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)
-
-
-class Trigger:
-    """Base class: subclasses implement ``apply(x)`` on float images ``(N, H, W, 3)`` in [0, 1]."""
-
-    name = "trigger"
-
-    def __call__(self, images):
-        batch, single = _as_batch(images)
-        out = _to_uint8(self.apply(tf.cast(batch, tf.float32) / 255.0))
-        return out[0] if single else out
-
-    def apply(self, x):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def get_config(self) -> dict:
-        return {}
-
-    def __repr__(self):
-        return f"{type(self).__name__}({self.name})"
-
-
-def _resize_pattern(p: np.ndarray, size: int, method: str = "bilinear") -> np.ndarray:
-    if p.shape[0] == size and p.shape[1] == size:
-        return p.astype(np.float32)
-    return tf.image.resize(p.astype(np.float32), (size, size), method=method).numpy()
 
 
 class PatchTrigger(Trigger):
@@ -242,11 +200,6 @@ class SmoothTrigger(Trigger):
         return {"pattern": self.pattern.tolist(), "alpha": self.alpha, "name": self.name}
 
 
-def _batch_key(x, salt):
-    """A stateless-RNG seed from a batch's pixel sum and ``salt``: the same batch gives the same draws."""
-    return tf.stack([tf.cast(tf.reduce_sum(x * 255.0), tf.int64), tf.constant(salt, tf.int64)])
-
-
 class RandomSmoothTrigger(Trigger):
     """A fresh random smooth trigger per image: ``minmax(x + a * S_i)`` (for detector training).
 
@@ -325,59 +278,11 @@ class Compose(Trigger):
         return {"triggers": [serialize(t) for t in self.triggers], "name": self.name}
 
 
-_CLASSES = {c.__name__: c for c in (PatchTrigger, AdditiveTrigger, BlendTrigger, SmoothTrigger, RandomSmoothTrigger,
-                                    Compose, OneOf)}
+_CLASSES.update({c.__name__: c for c in (PatchTrigger, AdditiveTrigger, BlendTrigger, SmoothTrigger, RandomSmoothTrigger,
+                                         Compose, OneOf)})
 
 
-def serialize(trigger: Trigger) -> dict:
-    return {"class_name": type(trigger).__name__, "config": trigger.get_config()}
-
-
-def from_config(d: dict) -> Trigger:
-    from . import zoo  # noqa: F401 - registers the zoo classes in _CLASSES (zoo imports this module)
-
-    cfg = dict(d["config"])
-    if d["class_name"] in ("Compose", "OneOf"):
-        cfg["triggers"] = [from_config(t) for t in cfg["triggers"]]
-    return _CLASSES[d["class_name"]](**cfg)
-
-
-# --------------------------------------------------------------------------- file loading
-
-def read_pattern(path) -> np.ndarray:
-    """Read a trigger file as float32 ``(H, W, 3)``: PNG/JPEG scaled to [0, 1]; ``.npy`` as stored.
-
-    ``.npy`` arrays of shape ``(1, H, W, 3)``, ``(3, H, W)`` or ``(H, W)`` are brought to
-    ``(H, W, 3)``. Raises :class:`TfbdError` naming the file for missing or unreadable files.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise TfbdError(f"trigger file not found: {path}")
-    try:
-        if path.suffix.lower() == ".npy":
-            a = np.load(path, allow_pickle=False).astype(np.float32)
-            if a.ndim == 4 and a.shape[0] == 1:
-                a = a[0]
-            if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
-                a = np.transpose(a, (1, 2, 0))
-            if a.ndim == 2:
-                a = a[..., None]
-            if a.ndim != 3 or a.shape[-1] not in (1, 3):
-                raise TfbdError(f"{path}: trigger array has shape {a.shape}, expected (H, W, 3)")
-            return np.broadcast_to(a, a.shape[:2] + (3,)).astype(np.float32)
-        from PIL import Image
-
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), np.float32) / 255.0
-    except TfbdError:
-        raise
-    except Exception as e:
-        raise TfbdError(f"{path}: cannot read trigger file ({type(e).__name__}: {e})") from None
-
-
-def trigger_dir_default() -> Path:
-    return data_root() / "triggers"
-
+# --------------------------------------------------------------------------- the paper's triggers
 
 def _paper_file(name, trigger_dir, image_size):
     d = Path(trigger_dir) if trigger_dir else trigger_dir_default()
@@ -413,77 +318,3 @@ def from_file(path, mask=None, alpha=None, kind=None, image_size=32) -> Trigger:
     return AdditiveTrigger(pattern, m, 1.0 if alpha is None else alpha, name=f"file:{path}")
 
 
-def get(name: str, image_size: int = 32, trigger_dir=None) -> Trigger:
-    """The trigger registered as ``name``.
-
-    Names: the paper's ``badnets trojan_wm trojan_sq blend nature l2_inv l0_inv smooth``; the
-    built-ins ``noise_blend`` and ``checker``; ``smooth:PATH.npy`` (a smooth trigger file, e.g.
-    one made by ``tfbd smooth``); ``smooth:random`` (a fresh random low-passed pattern per image,
-    :class:`RandomSmoothTrigger`); ``file:PATH`` (an additive pattern file); the evaluation zoo
-    (:mod:`tfbackdoor.zoo`: ``badnets3 ... insert_image``, ``NAME+jpegQ``, ``clean+jpegQ``).
-    """
-    if isinstance(name, Trigger):
-        return name
-    key = name.strip()
-    from . import zoo  # zoo imports this module, so it is imported here rather than at the top
-
-    found = zoo.get(key, image_size, trigger_dir)
-    if found is not None:
-        return found
-    if key == "smooth:random":
-        return RandomSmoothTrigger()
-    if key.startswith("smooth:"):
-        return from_file(key[len("smooth:"):], kind="smooth")
-    if key.startswith("file:"):
-        return from_file(key[len("file:"):])
-    if key == "badnets":
-        return badnets(image_size)
-    if key == "noise_blend":
-        rng = np.random.default_rng(1234)
-        return BlendTrigger(rng.random((image_size, image_size, 3), dtype=np.float32), 0.1, name="noise_blend")
-    if key == "checker":
-        side = max(3, round(5 * image_size / 32))
-        yy, xx = np.mgrid[:side, :side]
-        board = ((yy + xx) % 2).astype(np.float32)
-        return PatchTrigger(board, "bottom_right", margin=max(1, round(image_size / 32)), name="checker")
-    if key == "l0_inv":
-        f = _paper_file("l0_inv", trigger_dir, image_size)
-        d = Path(trigger_dir) if trigger_dir else trigger_dir_default()
-        mf = d / "mask.npy"
-        if not mf.is_file():
-            raise TfbdError(f"attack 'l0_inv': mask file {mf} is missing")
-        return AdditiveTrigger(read_pattern(f), read_pattern(mf)[..., :1], 1.0, name="l0_inv")
-    if key == "blend" and image_size != 32:
-        photo = data_root() / "photos" / "chelsea.png"
-        if not photo.is_file():
-            raise TfbdError(f"attack 'blend': source photo {photo} is missing")
-        return AdditiveTrigger(read_pattern(photo) * 0.2, None, 1.0, name="blend")
-    if key == "smooth":
-        return SmoothTrigger(read_pattern(_paper_file("smooth", trigger_dir, image_size)), name="smooth")
-    if key in _FILES:
-        return AdditiveTrigger(read_pattern(_paper_file(key, trigger_dir, image_size)), None, 1.0, name=key)
-    forms = ", ".join(("smooth:PATH.npy", "file:PATH") + zoo.NAME_FORMS)
-    raise TfbdError(f"unknown attack '{name}' (known: {', '.join(available())}, {forms})")
-
-
-def available() -> list:
-    from . import zoo
-
-    return list(PAPER_ATTACKS) + ["noise_blend", "checker"] + list(zoo.ZOO_ATTACKS)
-
-
-def expand(names, image_size=32, trigger_dir=None) -> list:
-    """Triggers for a comma-separated list; ``all`` = the paper's 7 detector triggers,
-    ``paper`` = those 7 + ``smooth``, ``builtin`` = the file-free ones, ``zoo`` = the 11 zoo
-    attacks, ``zoo+jpeg`` = badnets, blended, sig, ftrojan, trojan_wm each +jpeg75 and +jpeg90."""
-    from . import zoo
-
-    if isinstance(names, str):
-        names = [n for n in names.split(",") if n.strip()]
-    out = []
-    groups = {"all": PAPER_DETECTOR_ATTACKS, "paper": PAPER_ATTACKS, "builtin": BUILTIN_ATTACKS, **zoo.GROUPS}
-    for n in names:
-        n = n.strip()
-        group = groups.get(n)
-        out.extend(get(g, image_size, trigger_dir) for g in group) if group else out.append(get(n, image_size, trigger_dir))
-    return out

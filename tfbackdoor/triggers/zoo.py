@@ -54,10 +54,11 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from . import triggers as _t
-from .errors import TfbdError
-from .frequency import dct2d, idct2d
-from .triggers import PatchTrigger, Trigger, _as_batch, _to_uint8
+from ..errors import TfbdError
+from ..frequency import dct2d, idct2d
+from .base import (_CLASSES, Trigger, _as_batch, _batch_key, _to_uint8, from_config, read_pattern, serialize,
+                   trigger_dir_default)
+from .paper import BlendTrigger, PatchTrigger
 
 ZOO_ATTACKS = ("badnets3", "badnets_grid", "blended", "sig", "lf", "ftrojan", "ctrl", "wanet", "art_single",
                "art_pattern", "insert_image")
@@ -96,7 +97,7 @@ def art_pattern() -> PatchTrigger:
     return PatchTrigger(np.ones((3, 3, 3), np.float32), "bottom_right", mask=mask, margin=1, name="art_pattern")
 
 
-def blended(path=None, alpha=0.2, trigger_dir=None) -> _t.BlendTrigger:
+def blended(path=None, alpha=0.2, trigger_dir=None) -> BlendTrigger:
     """Blended (Chen et al. 2017): ``(1 - alpha) * x + alpha * T``.
 
     Without ``path``, ``T`` is the Hello Kitty image recovered from the paper's ``blend.png``,
@@ -105,13 +106,13 @@ def blended(path=None, alpha=0.2, trigger_dir=None) -> _t.BlendTrigger:
     resized bilinearly to the input size.
     """
     if path is None:
-        d = Path(trigger_dir) if trigger_dir else _t.trigger_dir_default()
+        d = Path(trigger_dir) if trigger_dir else trigger_dir_default()
         f = d / "blend.png"
         if not f.is_file():
             raise TfbdError(f"attack 'blended': trigger file {f} is missing (set --trigger-dir or $TFBD_DATA)")
-        return _t.BlendTrigger(np.clip(_t.read_pattern(f) / 0.2, 0.0, 1.0), alpha, name="blended")
+        return BlendTrigger(np.clip(read_pattern(f) / 0.2, 0.0, 1.0), alpha, name="blended")
     name = f"blended:{path}" if alpha == 0.2 else f"blended:{path}:{alpha:g}"
-    return _t.BlendTrigger(_t.read_pattern(path), alpha, name=name)
+    return BlendTrigger(read_pattern(path), alpha, name=name)
 
 
 # ------------------------------------------------------------------------------ SIG
@@ -442,7 +443,7 @@ class InsertImageTrigger(Trigger):
         side = p.shape[0]
         if side > h or side > w:
             raise TfbdError(f"trigger {self.name}: icon {side}x{side} is larger than the {h}x{w} image")
-        key = _t._batch_key(x, self.seed + 23)
+        key = _batch_key(x, self.seed + 23)
         top = tf.random.stateless_uniform([n], key, 0, h - side + 1, dtype=tf.int32)
         left = tf.random.stateless_uniform([n], key + 1, 0, w - side + 1, dtype=tf.int32)
         return _paste(x, tf.constant(p), self.blend, top, left)
@@ -527,7 +528,7 @@ class JpegTrigger(Trigger):
     """
 
     def __init__(self, trigger, quality=90, name=None):
-        self.trigger = _t.from_config(trigger) if isinstance(trigger, dict) else trigger
+        self.trigger = from_config(trigger) if isinstance(trigger, dict) else trigger
         self.quality = int(quality)
         if not 1 <= self.quality <= 100:
             raise TfbdError(f"JPEG quality must be in 1..100, got {quality}")
@@ -539,12 +540,12 @@ class JpegTrigger(Trigger):
         return tf.cast(self.clean_transform(y), tf.float32) / 255.0
 
     def get_config(self):
-        return {"trigger": _t.serialize(self.trigger), "quality": self.quality, "name": self.name}
+        return {"trigger": serialize(self.trigger), "quality": self.quality, "name": self.name}
 
 
 # ------------------------------------------------------------------------------ registry
 
-_JPEG_SUFFIX = re.compile(r"^(?P<base>.+)\+jpeg(?P<q>\d{1,3})$")
+JPEG_SUFFIX = re.compile(r"^(?P<base>.+)\+jpeg(?P<q>\d{1,3})$")   # NAME+jpegQ: resolved by tfbackdoor.triggers.get
 
 
 def _seed_arg(key, prefix):
@@ -555,15 +556,8 @@ def _seed_arg(key, prefix):
 
 
 def get(key: str, image_size: int = 32, trigger_dir=None):
-    """The zoo trigger named ``key``, or None when ``key`` is not a zoo name (see the module docstring)."""
-    m = _JPEG_SUFFIX.match(key)
-    if m:
-        base = m["base"].strip()
-        try:
-            inner = NoTrigger() if base == "clean" else _t.get(base, image_size, trigger_dir)
-        except TfbdError as e:
-            raise TfbdError(f"attack '{key}': {e}") from None
-        return JpegTrigger(inner, int(m["q"]))
+    """The zoo trigger named ``key``, or None when ``key`` is not a zoo name (see the module docstring;
+    ``NAME+jpegQ`` wraps any trigger, so :func:`tfbackdoor.triggers.get` resolves it)."""
     simple = {"badnets3": lambda: badnets3(image_size), "badnets_grid": lambda: badnets_grid(image_size),
               "blended": lambda: blended(trigger_dir=trigger_dir), "sig": SigTrigger, "lf": LowFrequencyTrigger,
               "ftrojan": ftrojan, "ctrl": ctrl, "wanet": WarpTrigger, "art_single": art_single,
@@ -585,9 +579,9 @@ def get(key: str, image_size: int = 32, trigger_dir=None):
         return WarpTrigger(seed=_seed_arg(key, "wanet:"), name=key)
     if key.startswith("insert_image:"):
         path = key[len("insert_image:"):]
-        return InsertImageTrigger(_t.read_pattern(path), name=key)
+        return InsertImageTrigger(read_pattern(path), name=key)
     return None
 
 
-_t._CLASSES.update({c.__name__: c for c in (SigTrigger, WarpTrigger, ChromaDCTTrigger, LowFrequencyTrigger,
-                                            InsertImageTrigger, NoTrigger, JpegTrigger)})
+_CLASSES.update({c.__name__: c for c in (SigTrigger, WarpTrigger, ChromaDCTTrigger, LowFrequencyTrigger,
+                                         InsertImageTrigger, NoTrigger, JpegTrigger)})
