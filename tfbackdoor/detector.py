@@ -27,8 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from . import data as data_mod
-from . import metrics, models, perturb, specs, triggers
-from .errors import TfbdError, model_load_error
+from . import classifier, metrics, models, perturb, specs, triggers
+from .errors import TfbdError
 from .atomic import atomic_path, atomic_paths
 from .frequency import dct2d
 
@@ -119,10 +119,7 @@ def load(path=None) -> keras.Model:
     if not path.is_file():
         hint = " (the shipped detector is missing: pass --detector PATH)" if path == DEFAULT_DETECTOR else ""
         raise TfbdError(f"detector file not found: {path}{hint}")
-    try:
-        model = keras.saving.load_model(path, safe_mode=True, compile=False)
-    except Exception as e:
-        raise model_load_error(path, e) from None
+    model = classifier.load_keras(path)
     try:
         spec_of(model)
     except TfbdError:

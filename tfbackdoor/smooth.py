@@ -50,12 +50,12 @@ import numpy as np
 import tensorflow as tf
 
 from .atomic import save_figure
+from .classifier import check_model_fits, check_target, num_classes as _num_classes
 from .errors import TfbdError
 from .filters import SIGMA, TAPS, low_pass, minmax_scale
 from .frequency import dct2d, high_frequency_ratio
 from .specs import data_root
 from .triggers import SmoothTrigger
-from .victim import check_model_fits, check_target, num_classes as _num_classes
 
 BOUND = 0.2
 
