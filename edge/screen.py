@@ -18,7 +18,15 @@ Model contract (what the tfbackdoor exporter writes):
 * a sidecar ``<model>.json`` (``model.json`` or ``model.tflite.json``) beside
   the model with ``{"threshold": t, "image_size": [H, W], "sha256": hex}``
   (the exporter writes it): without one, ``--threshold`` must be given; a
-  ``sha256`` that does not match the model file is refused.
+  ``sha256`` that does not match the model file is refused;
+* the verdict: ``"poisoned"`` when ``score > threshold`` (strictly above),
+  else ``"clean"`` -- :func:`is_flagged`.
+
+This file is where that contract is defined (section "The screener
+contract"): ``tfbackdoor.export`` writes sidecars with :func:`make_sidecar`
+and ``tfbackdoor.metrics`` counts flags with :func:`is_flagged`, so the
+exporter, the library's metrics and this screener cannot drift apart, while
+this file still runs alone (copied to a device without ``tfbackdoor``).
 
 Images whose header declares more than ``$TFBD_MAX_PIXELS`` pixels (default
 40 million) are reported and skipped without being decoded (decompression
@@ -112,6 +120,48 @@ def one_line(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------
+# The screener contract (tfbackdoor's exporter and metrics import these)
+# --------------------------------------------------------------------------
+
+#: Sidecar fields this screener reads; the exporter writes them (and more, for
+#: people: ``quantize``, ``source``, ``calibration``...), and nothing else is needed.
+SIDECAR_FIELDS = ("threshold", "image_size", "sha256")
+#: The model's input and output, as the sidecar's ``input`` / ``output`` fields say.
+INPUT_DESCRIPTION = "uint8 [1, H, W, 3] RGB 0..255"
+OUTPUT_DESCRIPTION = "P(poisoned) float32 [1, 1]"
+
+
+def is_flagged(score: Any, threshold: float) -> Any:
+    """The verdict rule: flagged (``"poisoned"``) when ``score > threshold``.
+
+    Strictly above: a threshold is calibrated as a quantile of clean scores (the
+    ``1 - FPR`` quantile, ``tfbackdoor.detector.calibrate_threshold``), so a score
+    equal to it counts as clean and at most that share of the clean set is flagged.
+    One definition for this screener and tfbackdoor's metrics, scans and defence;
+    ``score`` may be a number (-> bool) or a numpy array (-> boolean array).
+    """
+    return np.greater(score, threshold)
+
+
+def sidecar_candidates(model_path: Path) -> Tuple[Path, Path]:
+    """Where a model's sidecar JSON is looked for, in order: ``<stem>.json`` (what the
+    exporter writes), then ``<name>.json`` (``m.json``, then ``m.tflite.json``)."""
+    model_path = Path(model_path)
+    return model_path.with_suffix(".json"), model_path.with_name(model_path.name + ".json")
+
+
+def make_sidecar(threshold: float, image_size: Sequence[int], sha256: str, **extra: Any) -> Dict[str, Any]:
+    """The sidecar JSON object of a screener model: the fields :func:`read_sidecar`
+    checks (:data:`SIDECAR_FIELDS`), then ``extra`` (descriptive fields), then the
+    input and output descriptions."""
+    side: Dict[str, Any] = {"threshold": float(threshold), "image_size": [int(v) for v in image_size],
+                            "sha256": str(sha256)}
+    side.update(extra)
+    side.update({"input": INPUT_DESCRIPTION, "output": OUTPUT_DESCRIPTION})
+    return side
+
+
+# --------------------------------------------------------------------------
 # Model loading and the screener
 # --------------------------------------------------------------------------
 
@@ -162,8 +212,7 @@ def read_sidecar(model_path: Path) -> Tuple[Optional[Path], Dict[str, Any]]:
     there is none.  Raises :class:`ModelError` for an unreadable or
     malformed sidecar (a wrong threshold must not be used silently).
     """
-    candidates = [model_path.with_suffix(".json"), model_path.with_name(model_path.name + ".json")]
-    for path in candidates:
+    for path in sidecar_candidates(model_path):
         if path == model_path or not path.is_file():
             continue
         try:
@@ -275,7 +324,7 @@ class Screener:
 
     Args:
         model_path: path to the ``.tflite`` file.
-        threshold: score at or above which an image is ``"poisoned"``;
+        threshold: score above which an image is ``"poisoned"`` (:func:`is_flagged`);
             ``None`` takes the sidecar's threshold (an error when there is
             no sidecar: no silent default).
         num_threads: LiteRT CPU threads (``None`` = runtime default).
@@ -441,8 +490,8 @@ class Screener:
         return self.score_timed(img)[0]
 
     def verdict(self, score: float) -> str:
-        """``"poisoned"`` when ``score >= threshold``, else ``"clean"``."""
-        return "poisoned" if score >= self.threshold else "clean"
+        """``"poisoned"`` when ``score > threshold`` (:func:`is_flagged`), else ``"clean"``."""
+        return "poisoned" if is_flagged(score, self.threshold) else "clean"
 
 
 # --------------------------------------------------------------------------
@@ -764,7 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"screener .tflite (default: saved_models/{DEFAULT_MODEL_NAME} "
                         "in the repository, or beside screen.py)")
     parser.add_argument("--threshold", type=_probability, default=None, metavar="T",
-                        help="poisoned if score >= T (default: the model's sidecar JSON; "
+                        help="poisoned if score > T (default: the model's sidecar JSON; "
                         "required when there is none)")
     parser.add_argument("--every", type=_positive_int, default=1, metavar="N",
                         help="process every N-th video/camera frame (default 1)")

@@ -37,7 +37,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from . import shards
+from . import metrics, shards
 from .errors import TfbdError
 
 RUNNERS = {"direct": "DirectRunner", "dataflow": "DataflowRunner", "flink": "FlinkRunner", "spark": "SparkRunner"}
@@ -241,7 +241,7 @@ class ScoreBatches(beam.DoFn):
     def process(self, batch):
         ids, labels, images = zip(*batch)
         s = score_batch(self.model, np.stack(images))
-        flags = s > self.thr
+        flags = metrics.flagged(s, self.thr)
         self.scored.inc(len(s))
         self.flagged.inc(int(flags.sum()))
         self.batches.update(len(s))

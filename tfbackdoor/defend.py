@@ -32,7 +32,7 @@ from .errors import TfbdError
 def screen_flags(scores, threshold, remove_top=0.0) -> np.ndarray:
     """Boolean flags: ``scores > threshold``, plus the top ``remove_top`` percent of the scores."""
     scores = np.asarray(scores, np.float64)
-    flags = scores > threshold
+    flags = metrics.flagged(scores, threshold)
     if remove_top:
         if not 0 <= remove_top < 100:
             raise TfbdError(f"--remove-top must be in [0, 100) percent (got {remove_top})")

@@ -731,7 +731,7 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
         w.writerow(["id", "label", "score", "flagged"])
         for bx, by, bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
             s = score_fn(bx).numpy()
-            flags = s > thr
+            flags = metrics.flagged(s, thr)
             ids = [i.decode() for i in bi]
             seen.extend(ids)
             for i, lab, sc, fl in zip(ids, by, s, flags):

@@ -9,6 +9,10 @@ The screener runs the whole detector on a device without TensorFlow (see ``edge/
 * a sidecar ``OUT.json`` (same stem) with ``threshold``, ``image_size``, ``quantize``, ``source``
   and ``sha256`` of the ``.tflite``.
 
+That contract (the sidecar's fields, the verdict ``score > threshold``) is defined once in
+``edge/screen.py`` (:func:`edge.screen.make_sidecar`, :func:`edge.screen.is_flagged`), which must run
+without this package; the exporter imports it from there.
+
 Why the first layer is folded (int8). A detector's input is the 2-D DCT of 0..255 pixels, whose
 DC term is in the thousands while high-frequency coefficients are single digits. One per-tensor
 int8 scale over that range (step ~30..60) rounds nearly every high-frequency coefficient to zero
@@ -66,6 +70,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 from keras import ops
+
+from edge.screen import make_sidecar
 
 from . import data as data_mod
 from . import detector as detector_mod
@@ -908,10 +914,9 @@ def export(detector_path, out, quantize="int8", calibration=DEFAULT_CALIBRATION,
         raise RuntimeError(f"exported output is {info['output']}, expected [1, 1]")
     out = Path(out)
     digest = hashlib.sha256(tfl).hexdigest()
-    side = {"threshold": float(spec.threshold), "image_size": [size, size], "quantize": quantize,
-            "source": str(detector_path or detector_mod.DEFAULT_DETECTOR), "sha256": digest, "fold": fold_r,
-            "head": head_r, "clip": clip, "fold_bn": fold_bn,
-            "input": "uint8 [1, H, W, 3] RGB 0..255", "output": "P(poisoned) float32 [1, 1]"}
+    side = make_sidecar(spec.threshold, [size, size], digest, quantize=quantize,
+                        source=str(detector_path or detector_mod.DEFAULT_DETECTOR), fold=fold_r, head=head_r,
+                        clip=clip, fold_bn=fold_bn)
     if reps is not None:
         side["calibration"] = {"spec": calibration, "per_part": int(calibration_size), "images": int(len(reps)),
                                "seed": int(seed), "tail": tail if quantize == "int8" else 0.0}

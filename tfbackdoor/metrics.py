@@ -15,10 +15,13 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
+# The verdict rule (score strictly above the threshold), defined once with the screener contract in edge/.
+from edge.screen import is_flagged as flagged
+
 
 def flag_rate(scores, threshold=0.5) -> float:
     scores = np.asarray(scores, np.float64)
-    return float(100.0 * np.mean(scores > threshold)) if scores.size else float("nan")
+    return float(100.0 * np.mean(flagged(scores, threshold))) if scores.size else float("nan")
 
 
 def auroc(clean_scores, poisoned_scores) -> float:
