@@ -121,7 +121,7 @@ def main():
                "mean_bdr_tflite": round(float(np.mean([per[k]["tflite"] for k in trig])), 2),
                "mean_abs_diff": round(float(np.mean([p["mad"] for p in per.values()])), 4),
                "bytes": len(b), "ms": round(float(np.median(np.concatenate(lat))), 3),
-               "float_ops_between": export._float_islands(b), "convert_s": round(conv_s, 1), "per_set": per}
+               "float_ops_between": export.float_islands(b), "convert_s": round(conv_s, 1), "per_set": per}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "per_set"}), flush=True)
     if args.out:
