@@ -319,54 +319,17 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, batch_size, tr
     or on clean vs trigger-patched samples (--trigger)."""
     _check([dataset], triggers=(trigger or "").split(","), files=[(detector_path, "detector file")], outs=[(out, "--out")])
     _quiet_tf()
+    from tfbackdoor import detector
+    from tfbackdoor.finetune import finetune_dataset
 
-    import numpy as np
-
-    from tfbackdoor import data, detector, triggers, victim
-    from tfbackdoor.errors import TfbdError
-
-    parts = [p.strip() for p in dataset.split("+") if p.strip()]
-    try:
-        counts = [int(c) for c in str(samples).split(",")]
-    except ValueError:
-        raise TfbdError(f"--samples must be a count or one count per dataset part (got '{samples}')") from None
-    if len(counts) == 1:
-        counts = counts * len(parts)
-    if len(counts) != len(parts):
-        raise TfbdError(f"--samples has {len(counts)} counts for {len(parts)} dataset parts ({dataset})")
-    if min(counts) < 1 or calibration < 0 or repeat < 1 or epochs < 1 or batch_size < 1:
-        raise TfbdError(f"--samples, --epochs, --repeat, --batch-size must be positive and --calibration >= 0 "
-                        f"(got {samples}, {epochs}, {repeat}, {batch_size}, {calibration})")
     benign = _benign(benign_spec, seed) if benign_spec else None
     manipulation = _manipulation(manipulations, seed)
-    model = detector.load(detector_path)
-    spec = detector.spec_of(model)
-    trig = None
-    if trigger:   # one trigger, or a comma-separated list of which each patched image gets one
-        trigs = [victim.resolve_trigger(t, spec.image_size) for t in trigger.split(",") if t.strip()]
-        trig = trigs[0] if len(trigs) == 1 else triggers.OneOf(trigs, seed=seed)
-    xs, cals, exclude = [], [], {}
-    for part, n in zip(parts, counts):   # A+B: n samples of each part
-        ds = data.load(part, image_size=spec.image_size, with_ids=True, limit=n + calibration, seed=seed)
-        x_all, _, ids_all = data.materialize(ds, part)
-        xs.append(x_all[:n])
-        cals.append(x_all[n:])
-        exclude[part] = list(ids_all[:n + calibration])   # trained on, or set the threshold
-    largest = max(len(v) for v in xs)
-    # Balance the parts: a part of 100 beside one of 8,000 is repeated 80 times per epoch.
-    xs = [np.concatenate([v] * max(1, round(largest / len(v)))) for v in xs]
-    x, ids = np.concatenate(xs), [i for v in exclude.values() for i in v]
-    x_cal = cals if calibration else None   # one array per part (the "worst" rule treats each separately)
-    poisoned = f"{trig.name} on {trigger_share:.0%} of them, random manipulations on the rest" if trig else "random manipulations"
-    click.echo(f"fine-tuning on {len(x)} clean samples of {dataset} x {repeat} + as many poisoned ({poisoned}), "
-               f"{epochs} epochs" + (f"; threshold from {sum(len(v) for v in x_cal)} held-out images" if calibration else ""))
-    detector.finetune(model, x, out, len(x), epochs=epochs, repeat=repeat, lr=lr, batch_size=batch_size, seed=seed,
-                      exclude=exclude,
-                      source_spec=dataset,
-                      trigger=trig, trigger_share=trigger_share, x_calibration=x_cal,
-                      target_fpr=target_fpr if calibration else None, command="tfbd " + " ".join(sys.argv[1:]),
-                      benign=benign, calibration_rule=calibration_rule, manipulation=manipulation)
-    click.echo(f"wrote {out} (threshold {detector.spec_of(keras_load(out)).threshold:.4f}; {len(ids)} samples "
+    res = finetune_dataset(detector.load(detector_path), dataset, out, samples, epochs=epochs, repeat=repeat, lr=lr,
+                           batch_size=batch_size, trigger=trigger, trigger_share=trigger_share, calibration=calibration,
+                           target_fpr=target_fpr, benign=benign, manipulation=manipulation,
+                           calibration_rule=calibration_rule, seed=seed, command="tfbd " + " ".join(sys.argv[1:]),
+                           echo=click.echo)
+    click.echo(f"wrote {out} (threshold {res['threshold']:.4f}; {res['excluded']} samples "
                f"recorded as excluded from evaluation on {dataset})")
 
 
