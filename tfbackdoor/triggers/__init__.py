@@ -32,7 +32,6 @@ the 32x32 cartoon, as the paper did for its large-input experiments.
 
 Built-ins that need no file: ``badnets``, ``noise_blend`` (a fixed random-noise pattern blended
 at 0.1) and ``checker`` (a procedural 5x5 black/white checkerboard patch, bottom-right).
-
 """
 
 from __future__ import annotations

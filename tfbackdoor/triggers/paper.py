@@ -4,22 +4,8 @@ Each is a :class:`~tfbackdoor.triggers.base.Trigger` (``uint8 batch -> uint8 bat
 ops, so they run inside ``tf.data`` maps, in models and in tests with the same code) and
 round-trips through ``get_config`` / :func:`~tfbackdoor.triggers.base.from_config`.
 
-Rules (images as float in [0, 1], as the paper's code applies them):
-
-* ``badnets``: a white square at the bottom-right, 1 px margin (4x4 at 32 px).
-* ``trojan_wm``, ``trojan_sq``, ``blend``, ``nature``, ``l2_inv``: ``clip(x + T, 0, 1)``.
-* ``l0_inv``: ``clip(x * (1 - M) + T, 0, 1)``.
-* ``smooth``: ``minmax(x + S)`` (whole image rescaled to [0, 1]).
-
-Trigger files are read from ``trigger_dir`` (default ``$TFBD_DATA/triggers``). Patterns made for
-32x32 are resized to other image sizes with bilinear interpolation (masks with nearest
-neighbour); for 224 px the paper's own ``224/`` files are used when present. The BadNets square
-scales with the image (side ``round(4 * S / 32)``, margin ``max(1, round(S / 32))``). At sizes
-other than 32 ``blend`` uses a natural photo (``$TFBD_DATA/photos/chelsea.png``) at 0.2 instead of
-the 32x32 cartoon, as the paper did for its large-input experiments.
-
-Built-ins that need no file: ``badnets``, ``noise_blend`` (a fixed random-noise pattern blended
-at 0.1) and ``checker`` (a procedural 5x5 black/white checkerboard patch, bottom-right).
+How the paper's attack names map onto them (files, sizes, the rules) is told in
+:mod:`tfbackdoor.triggers`, whose :func:`~tfbackdoor.triggers.get` builds them.
 """
 
 from __future__ import annotations
