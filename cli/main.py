@@ -333,6 +333,51 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, batch_size, tr
                f"recorded as excluded from evaluation on {dataset})")
 
 
+@main.command("fit-spectral")
+@click.option("--detector", "detector_path", type=click.Path(), default=None, help="Detector .keras (default: shipped).")
+@click.option("--dataset", required=True,
+              help="Clean images whose spectra the anomaly part learns (A+B: several sources, e.g. lossless and JPEG).")
+@click.option("--samples", default="4000", show_default=True,
+              help="Images of each part for the statistics (one count, or one per part: 8000,6000).")
+@click.option("--calibration", type=int, default=500, show_default=True,
+              help="More held-out images of each part that set the spectral thresholds (with their benign variants).")
+@click.option("--target-fpr", type=float, default=0.5, show_default=True,
+              help="The spectral part flags at most about this % of each calibration set and benign variant.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(), required=True)
+@handle_errors
+def fit_spectral(detector_path, dataset, samples, calibration, target_fpr, seed, out):
+    """Add a clean-spectrum anomaly part to a DCT detector (one file; images used are excluded from evaluation).
+
+    It learns each DCT coefficient's RMS on clean images (separately for JPEG-like and lossless-like
+    images, told apart by a JPEG-grid router) and flags an image whose largest coefficient, in those
+    units, passes a threshold set on held-out clean images: SIG, FTrojan/CTRL-style chroma bumps and
+    watermarks stand out there. The CNN, its threshold and recorded info are kept; an image is
+    flagged when either part flags it.
+    """
+    _check([dataset], files=[(detector_path, "detector file")], outs=[(out, "--out")])
+    _quiet_tf()
+    from tfbackdoor import detector
+    from tfbackdoor.errors import TfbdError
+
+    try:
+        counts = [int(c) for c in str(samples).split(",")]
+    except ValueError:
+        raise TfbdError(f"--samples must be a count or one count per dataset part (got '{samples}')") from None
+    parts = [p for p in dataset.split("+") if p.strip()]
+    counts = counts * len(parts) if len(counts) == 1 else counts
+    if not 0 < target_fpr < 100:
+        raise TfbdError(f"--target-fpr must be in (0, 100) (got {target_fpr})")
+    model = detector.load(detector_path)
+    new = detector.fit_spectral(model, dataset, counts, calibration, target_fpr, seed,
+                                command="tfbd " + " ".join(sys.argv[1:]))
+    detector.save(new, out)
+    rep = detector.spec_of(new).info["spectral"]
+    click.echo(f"wrote {out} (CNN threshold {detector.spec_of(new).threshold:.4f} kept; spectral thresholds "
+               f"lossless {rep['thresholds'][0]:.2f} / JPEG {rep['thresholds'][1]:.2f} max-z at {target_fpr}% FPR; "
+               f"{rep['fit_images']} + {rep['calibration_images']} images recorded as excluded from evaluation)")
+
+
 @main.command()
 @click.option("--detector", "detector_path", type=click.Path(), default=None, help="Detector .keras (default: shipped).")
 @click.option("--reference", type=click.Path(), default=None, help="Evaluate the paper's HDF5 detector instead.")

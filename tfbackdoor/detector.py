@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import data as data_mod
-from . import classifier, metrics, models, perturb, specs, triggers
+from . import classifier, metrics, models, perturb, spectral, specs, triggers
 from .errors import TfbdError
 from .atomic import atomic_path, atomic_paths
 from .frequency import dct2d
@@ -452,7 +452,7 @@ def train(x, out, epochs=10, batch_size=64, arch="cnn6", domain="dct", image_siz
     strat = make_strategy(strategy)
     with strat.scope():
         if model is None and init is not None:
-            model = load(init)
+            model = spectral.strip(load(init))   # the CNN continues; refit the spectral part after (fit_spectral)
             spec = spec_of(model)
             if (spec.arch, spec.domain, spec.image_size) != (arch, domain, image_size):
                 raise TfbdError(f"{init}: a {spec.arch}/{spec.domain} detector for {spec.image_size} px cannot "
@@ -519,6 +519,12 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
     :class:`~tfbackdoor.perturb.BenignProcessing` (``None``: the default one). ``manipulation``: a
     :class:`~tfbackdoor.perturb.RandomManipulation` (``None``: the paper's five).
     """
+    spec = spec_of(model)
+    if spectral.has_spectral(model):   # the CNN is fine-tuned; the spectral part is refit after (fit_spectral)
+        name = getattr(model, "_tfbd_path", None)
+        model = spectral.strip(model)
+        if name:
+            model.__dict__["_tfbd_path"] = name
     spec = spec_of(model)
     if trigger is not None and not 0 < trigger_share <= 1:
         raise TfbdError(f"--trigger-share must be in (0, 1] (got {trigger_share})")
@@ -791,3 +797,42 @@ def load_reference(path) -> keras.Model:
         raise TfbdError(f"{path}: cannot read the reference weights ({type(e).__name__}: {e})") from None
     out = models.DetectorSpec("dct", "cnn6", 32, 0.5, {"source": str(path)}, name="detector_spec")(core.output)
     return keras.Model(core.input, out, name="paper_cnn6")
+
+
+# ----------------------------------------------------------------------- the spectral part
+
+def fit_spectral(model, dataset, samples, calibration=500, target_fpr=0.5, seed=0, command=None, verbose=True):
+    """Add (or refit) the clean-spectrum anomaly part of a DCT detector (:mod:`tfbackdoor.spectral`).
+
+    ``dataset``: clean images, ``A+B+...``; ``samples``: images of each part whose spectra give the
+    statistics (an int, or one per part); ``calibration``: more images of each part, held out,
+    that set the spectral thresholds at ``target_fpr`` percent of every (part, benign variant) set.
+    Both kinds of ids are recorded as exclusions (never evaluated on), merged with the model's.
+    Returns the new model (the CNN, its threshold and its info unchanged, plus ``info["spectral"]``).
+    """
+    parts = [p.strip() for p in dataset.split("+") if p.strip()]
+    counts = list(samples) if isinstance(samples, (list, tuple)) else [int(samples)] * len(parts)
+    if len(counts) != len(parts):
+        raise TfbdError(f"--samples has {len(counts)} counts for {len(parts)} dataset parts ({dataset})")
+    if min(counts) < 1 or calibration < 1:
+        raise TfbdError(f"--samples and --calibration must be positive (got {samples}, {calibration})")
+    spec = spec_of(model)
+    excl = exclusions(model)   # a missing or changed manifest fails now
+    fits, cals = [], []
+    for part, n in zip(parts, counts):
+        ds = data_mod.load(part, image_size=spec.image_size, with_ids=True, limit=n + calibration, seed=seed)
+        x, _, ids = data_mod.materialize(ds, part)
+        if len(x) <= calibration:
+            raise TfbdError(f"{part}: {len(x)} images, not enough for {calibration} calibration images and a fit")
+        fits.append(x[:len(x) - calibration])
+        cals.append(x[len(x) - calibration:])
+        excl[part] = sorted(set(excl.get(part, [])) | {relative_id(part, i) for i in ids})
+        if verbose:
+            print(f"{part}: spectra of {len(fits[-1])} images, thresholds from {len(cals[-1])} more", flush=True)
+    new, report = spectral.fit(model, fits, cals, target_fpr)
+    new_spec = spec_of(new)
+    report.update({"dataset": dataset, "samples": counts, "calibration": calibration, "seed": seed,
+                   "command": command})
+    new_spec.info = {**new_spec.info, "spectral": report}
+    _set_exclusions(new_spec, excl)
+    return new
