@@ -409,11 +409,97 @@ def _resize_down_up(x, factor):
     return tf.image.resize(y, (h, w), method="bilinear")
 
 
-class BenignProcessing:
-    """Random benign processing of ONE uint8 ``(H, W, 3)`` image (map it before batching).
+def _on_subset(x, mask, fn, *params):
+    """``x`` with ``fn(x[mask], *(p[mask] for p in params))`` in the rows where ``mask`` is true.
 
-    Each step happens with its own probability, in the order a real pipeline applies them:
-    resize down-and-up or blur, then brightness/contrast, then JPEG re-encoding.
+    Only the selected images are computed, so a step drawn by 10% of the batch costs 10%. Gather and
+    scatter, not ``dynamic_partition`` / ``dynamic_stitch`` as in :class:`RandomManipulation`: with a
+    mask that is constant all-false in a graph, TensorFlow 2.21's graph optimiser breaks the
+    ``tf.map_fn`` fed by a partition ("Trying to access element 0 in a list with 0 elements").
+    """
+    idx = tf.where(mask)[:, 0]
+    out = fn(tf.gather(x, idx), *[tf.gather(p, idx) for p in params])
+    return tf.ensure_shape(tf.tensor_scatter_nd_update(x, idx[:, None], out), x.shape)
+
+
+def _gaussian_blur_batch(x, sigma):
+    """:func:`_gaussian_blur` of float ``(N, H, W, C)`` with one ``sigma`` per image ``(N,)``.
+
+    ``depthwise_conv2d`` takes one kernel per channel, not per image, so the batch is folded into
+    the channels (``1, H, W, N * C``) and each image's channels get its own 5 taps.
+    """
+    m, h, w, c = tf.shape(x)[0], x.shape[1], x.shape[2], x.shape[3]
+    k = tf.range(-2.0, 3.0)
+    g = tf.exp(-0.5 * tf.square(k[None, :] / tf.maximum(sigma, 1e-3)[:, None]))
+    g = tf.repeat(tf.transpose(g / tf.reduce_sum(g, axis=1, keepdims=True)), c, axis=1)   # 5 (N*C), image-major
+    p = tf.pad(x, [[0, 0], [2, 2], [2, 2], [0, 0]], mode="SYMMETRIC")
+    p = tf.reshape(tf.transpose(p, [1, 2, 0, 3]), [1, h + 4, w + 4, m * c])
+    p = tf.nn.depthwise_conv2d(p, tf.reshape(g, [5, 1, m * c, 1]), [1, 1, 1, 1], "VALID")
+    p = tf.nn.depthwise_conv2d(p, tf.reshape(g, [1, 5, m * c, 1]), [1, 1, 1, 1], "VALID")
+    return tf.transpose(tf.reshape(p[0], [h, w, m, c]), [2, 0, 1, 3])
+
+
+def _down_up_sizes(n, factor_range):
+    """The side lengths ``max(round(n * f), 4)`` that a factor ``f`` in ``factor_range`` can give."""
+    lo = max(4, math.floor(n * min(factor_range)))
+    return lo, max(lo, math.ceil(n * max(factor_range)))
+
+
+_DOWN_UP = {}
+
+
+def _down_up_matrices(n, lo, hi):
+    """``(hi - lo + 1, n, n)``: for each size ``s`` in ``lo..hi`` the linear map of resizing a length-``n``
+    axis to ``s`` (bilinear, antialiased) and back to ``n`` (bilinear), as :func:`_resize_down_up` does.
+
+    ``tf.image.resize`` takes one output size per call, so images of one batch resized to their
+    own random sizes would need a per-image loop. Both resizes are linear and separable, so each
+    is an ``n x n`` matrix per axis, made here once by ``tf.image.resize`` itself on the unit
+    vectors (exactly its kernel, nothing re-derived) and applied to a batch as one ``einsum``.
+    """
+    key = (n, lo, hi)
+    if key not in _DOWN_UP:
+        with tf.init_scope():   # eager, once, even when first called while tracing a tf.data map
+            mats = []
+            for s in range(lo, hi + 1):
+                y = tf.image.resize(tf.eye(n)[:, :, None, None], (s, 1), method="bilinear", antialias=True)
+                y = tf.image.resize(y, (n, 1), method="bilinear")
+                mats.append(tf.transpose(y[:, :, 0, 0]))   # column i: the response to unit vector i
+            _DOWN_UP[key] = tf.stack(mats).numpy()
+    return _DOWN_UP[key]
+
+
+def _resize_down_up_batch(x, factor, factor_range):
+    """:func:`_resize_down_up` of float ``(N, H, W, C)`` with one ``factor`` per image ``(N,)`` drawn in
+    ``factor_range`` (which bounds the sizes the matrices are made for)."""
+    out = x
+    for axis, n in ((1, x.shape[1]), (2, x.shape[2])):
+        lo, hi = _down_up_sizes(n, factor_range)
+        small = tf.cast(tf.maximum(tf.round(float(n) * factor), 4.0), tf.int32)
+        mats = tf.gather(tf.constant(_down_up_matrices(n, lo, hi)), tf.clip_by_value(small, lo, hi) - lo)   # N n n
+        out = tf.einsum("nri,nicd->nrcd", mats, out) if axis == 1 else tf.einsum("nci,nrid->nrcd", mats, out)
+    return out
+
+
+def _jpeg_batch(images, quality):
+    """:func:`jpeg` of uint8 ``(N, H, W, 3)`` images, each at its own ``quality`` ``(N,)``.
+
+    Encoding is per image by nature (one image per ``encode_jpeg`` call, no vectorised kernel and
+    no ``vectorized_map`` converter), so this is a graph ``tf.map_fn`` over the images given.
+    """
+    shape = images.shape[1:]
+    return tf.map_fn(lambda a: tf.ensure_shape(jpeg(a[0], a[1]), shape), (images, quality),
+                     fn_output_signature=tf.TensorSpec(shape, tf.uint8))
+
+
+class BenignProcessing:
+    """Random benign processing of a uint8 ``(N, H, W, 3)`` batch (or one ``(H, W, 3)`` image).
+
+    Each image draws each step with its own probability and its own parameters, and the steps
+    run in the order a real pipeline applies them: resize down-and-up or blur, then
+    brightness/contrast, then JPEG re-encoding. All draws for a batch come from one stateless
+    seed; every step is batched and runs only on the images that drew it (JPEG, per image by
+    nature, is a ``tf.map_fn`` over those images alone).
 
     Args:
       p_jpeg: probability of a JPEG round-trip at a quality drawn from ``jpeg_quality``.
@@ -432,33 +518,46 @@ class BenignProcessing:
         self.p_resize, self.resize = float(p_resize), tuple(resize)
         self.seed = int(seed)
 
-    def get_random_transformation(self, seed):
+    def get_random_transformation(self, images, seed):
+        """Per-image draws ``(N,)`` for a batch ``images``: which steps run, and their parameters."""
+        n = tf.shape(images)[0]
         seed = _seed(seed)
-        u = tf.random.stateless_uniform([4], _sub(seed, 0))
+        u = tf.random.stateless_uniform([n, 4], _sub(seed, 0))
         return {
-            "do_resize": u[0] < self.p_resize, "factor": tf.random.stateless_uniform([], _sub(seed, 1), *self.resize),
-            "do_blur": u[1] < self.p_blur, "sigma": tf.random.stateless_uniform([], _sub(seed, 2), *self.blur_sigma),
-            "do_color": u[2] < self.p_color,
-            "delta": tf.random.stateless_uniform([], _sub(seed, 3), -self.brightness, self.brightness),
-            "gain": tf.random.stateless_uniform([], _sub(seed, 4), *self.contrast),
-            "do_jpeg": u[3] < self.p_jpeg,
-            "quality": tf.random.stateless_uniform([], _sub(seed, 5), self.jpeg_quality[0], self.jpeg_quality[1] + 1, tf.int32),
+            "do_resize": u[:, 0] < self.p_resize, "factor": tf.random.stateless_uniform([n], _sub(seed, 1), *self.resize),
+            "do_blur": u[:, 1] < self.p_blur, "sigma": tf.random.stateless_uniform([n], _sub(seed, 2), *self.blur_sigma),
+            "do_color": u[:, 2] < self.p_color,
+            "delta": tf.random.stateless_uniform([n], _sub(seed, 3), -self.brightness, self.brightness),
+            "gain": tf.random.stateless_uniform([n], _sub(seed, 4), *self.contrast),
+            "do_jpeg": u[:, 3] < self.p_jpeg,
+            "quality": tf.random.stateless_uniform([n], _sub(seed, 5), self.jpeg_quality[0], self.jpeg_quality[1] + 1,
+                                                   tf.int32),
         }
 
-    def transform_image(self, image, t):
-        image = tf.convert_to_tensor(image)
-        shape = image.shape
-        x = tf.cast(image, tf.float32)
-        x = tf.cond(t["do_resize"], lambda: _resize_down_up(x, t["factor"]), lambda: x)
-        x = tf.cond(t["do_blur"], lambda: _gaussian_blur(x, t["sigma"]), lambda: x)
-        mean = tf.reduce_mean(x, axis=[0, 1], keepdims=True)
-        x = tf.cond(t["do_color"], lambda: (x - mean) * t["gain"] + mean + t["delta"], lambda: x)
+    def transform_images(self, images, t):
+        images = tf.convert_to_tensor(images)
+        x = tf.cast(images, tf.float32)
+        # (a step of probability 0 is left out of the graph; the draws stay the same)
+        if self.p_resize > 0:
+            x = _on_subset(x, t["do_resize"], lambda a, f: _resize_down_up_batch(a, f, self.resize), t["factor"])
+        if self.p_blur > 0:
+            x = _on_subset(x, t["do_blur"], _gaussian_blur_batch, t["sigma"])
+        if self.p_color > 0:   # (x - mean) * gain + mean + delta as one per-image scale and offset
+            mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+            do = t["do_color"][:, None, None, None]
+            gain, delta = t["gain"][:, None, None, None], t["delta"][:, None, None, None]
+            x = x * tf.where(do, gain, 1.0) + tf.where(do, mean * (1.0 - gain) + delta, 0.0)
         out = tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
-        out = tf.cond(t["do_jpeg"], lambda: jpeg(out, t["quality"]), lambda: out)
-        return tf.ensure_shape(out, shape)
+        if self.p_jpeg > 0:
+            out = _on_subset(out, t["do_jpeg"], _jpeg_batch, t["quality"])
+        return tf.ensure_shape(out, images.shape)
 
-    def __call__(self, image, seed=None):
-        return self.transform_image(image, self.get_random_transformation(self.seed if seed is None else seed))
+    def __call__(self, images, seed=None):
+        images = tf.convert_to_tensor(images)
+        seed = self.seed if seed is None else seed
+        if images.shape.rank == 3:   # one image
+            return self.transform_images(images[None], self.get_random_transformation(images[None], seed))[0]
+        return self.transform_images(images, self.get_random_transformation(images, seed))
 
     def get_config(self):
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
