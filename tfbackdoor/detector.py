@@ -74,10 +74,10 @@ def training_dataset(x, batch_size=64, seed=0, domain="dct", benign=None, manipu
     # Per-element random seeds that change every epoch (rerandomize_each_iteration).
     rnd = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True)
     ds = tf.data.Dataset.zip((ds, rnd))
-    if benign:
-        ds = ds.map(lambda img, r: (benign(img, tf.stack([r, tf.constant(seed, tf.int64)])), r),
-                    num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=False)
+    if benign:   # on whole batches (per-image draws), its own map stage: pipelined with make_pairs
+        ds = ds.map(lambda imgs, r: (benign(imgs, tf.stack([r[0], tf.constant(seed, tf.int64)])), r),
+                    num_parallel_calls=tf.data.AUTOTUNE)
 
     def make_pairs(imgs, r):
         s = tf.stack([r[0], tf.constant(seed + 1, tf.int64)])
@@ -312,9 +312,9 @@ def adapt_normalization(model, x, domain, n=4096, seed=0):
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(x), size=min(n, len(x)), replace=False)
     benign = perturb.BenignProcessing(seed=seed)
-    ds = tf.data.Dataset.from_tensor_slices(x[idx]).enumerate()
-    ds = ds.map(lambda i, img: benign(img, tf.stack([i, tf.constant(seed, tf.int64)])), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(256).map(lambda b: to_inputs(b, domain))
+    ds = tf.data.Dataset.from_tensor_slices(x[idx]).batch(256).enumerate()
+    ds = ds.map(lambda i, b: to_inputs(benign(b, tf.stack([i, tf.constant(seed, tf.int64)])), domain),
+                num_parallel_calls=tf.data.AUTOTUNE)
     norm.adapt(ds)
 
 
