@@ -20,7 +20,12 @@ Model contract (what the tfbackdoor exporter writes):
   (the exporter writes it): without one, ``--threshold`` must be given; a
   ``sha256`` that does not match the model file is refused;
 * the verdict: ``"poisoned"`` when ``score > threshold`` (strictly above),
-  else ``"clean"`` -- :func:`is_flagged`.
+  else ``"clean"`` -- :func:`is_flagged`;
+* optionally a sidecar ``"spectral"`` entry (a detector with a clean-spectrum
+  anomaly part, ``tfbackdoor.spectral``): the ``.tflite`` is then the CNN
+  only, and this file recomputes the anomaly ratio in numpy
+  (:class:`SpectralPart`) and combines it with the CNN's P(poisoned) as the
+  detector does; the combined value is the score.
 
 This file is where that contract is defined (section "The screener
 contract"): ``tfbackdoor.export`` writes sidecars with :func:`make_sidecar`
@@ -49,6 +54,7 @@ Library use (repository root on ``sys.path``)::
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import hashlib
 import json
@@ -126,6 +132,8 @@ def one_line(exc: BaseException) -> str:
 #: Sidecar fields this screener reads; the exporter writes them (and more, for
 #: people: ``quantize``, ``source``, ``calibration``...), and nothing else is needed.
 SIDECAR_FIELDS = ("threshold", "image_size", "sha256")
+#: Optional sidecar fields this screener also reads: ``spectral`` (:func:`make_spectral_entry`).
+OPTIONAL_SIDECAR_FIELDS = ("spectral",)
 #: The model's input and output, as the sidecar's ``input`` / ``output`` fields say.
 INPUT_DESCRIPTION = "uint8 [1, H, W, 3] RGB 0..255"
 OUTPUT_DESCRIPTION = "P(poisoned) float32 [1, 1]"
@@ -159,6 +167,155 @@ def make_sidecar(threshold: float, image_size: Sequence[int], sha256: str, **ext
     side.update(extra)
     side.update({"input": INPUT_DESCRIPTION, "output": OUTPUT_DESCRIPTION})
     return side
+
+
+# --------------------------------------------------------------------------
+# The spectral part (a detector's clean-spectrum anomaly model, in numpy)
+# --------------------------------------------------------------------------
+#
+# A tfbackdoor detector may hold, beside its CNN, a clean-spectrum anomaly part
+# (``tfbackdoor.spectral.SpectralAnomaly`` + ``CombineScores``, Keras layers on the
+# detector's DCT input). The exported ``.tflite`` is the CNN only; the sidecar's
+# ``"spectral"`` entry carries that part's weights, and the code below recomputes it.
+# It is hand-written numpy, a line-for-line twin of ``SpectralAnomaly.call`` and
+# ``CombineScores.call``, because the device has no TensorFlow (and nothing from
+# tfbackdoor): the DCT basis is built here, the JPEG router works on the pixels
+# directly (the layer inverts the DCT it is given; same values), and everything runs
+# in float64 (the layer: float32; ratios agree to ~1e-6 relative). tfbackdoor's tests
+# check it against the Keras layers (tests/test_export.py).
+
+SPECTRAL_VERSION = 1
+
+
+def dct_matrix(n: int) -> np.ndarray:
+    """The ``(n, n)`` orthonormal DCT-II matrix ``D`` (``dct(x) = D @ x``), float64
+    (the same as ``tfbackdoor.frequency.dct_matrix``)."""
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    d = np.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    d[0] /= math.sqrt(2.0)
+    return d
+
+
+def encode_float32(array: Any) -> Dict[str, Any]:
+    """``{"dtype": "float32", "shape": [...], "base64": ...}``: little-endian float32 bytes."""
+    a = np.ascontiguousarray(np.asarray(array, dtype="<f4"))
+    return {"dtype": "float32", "shape": [int(v) for v in a.shape],
+            "base64": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def decode_float32(obj: Any) -> np.ndarray:
+    """The array of :func:`encode_float32`; ValueError if malformed."""
+    if not isinstance(obj, dict) or obj.get("dtype") != "float32" or not isinstance(obj.get("shape"), list):
+        raise ValueError("expected {dtype: float32, shape: [...], base64: ...}")
+    shape = tuple(int(v) for v in obj["shape"])
+    try:
+        raw = base64.b64decode(str(obj.get("base64", "")), validate=True)
+    except ValueError:
+        raise ValueError("invalid base64") from None
+    if len(raw) != 4 * int(np.prod(shape)):
+        raise ValueError(f"{len(raw)} bytes do not hold float32 {list(shape)}")
+    return np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+
+
+def make_spectral_entry(scale: Any, thresholds: Any, route_cut: float, near_zero: float, hf_min: int,
+                        threshold: float, sharpness: float) -> Dict[str, Any]:
+    """The sidecar's ``"spectral"`` entry: the weights of ``SpectralAnomaly`` (``scale``
+    ``(2, H, W, 3)``, ``thresholds`` ``(2,)``; row 0 lossless-like, row 1 JPEG-like), its
+    router constants (``route_cut``, ``near_zero``, ``hf_min``) and ``CombineScores``'
+    ``threshold`` and ``sharpness``."""
+    return {"version": SPECTRAL_VERSION, "scale": encode_float32(scale),
+            "thresholds": [float(v) for v in np.asarray(thresholds, np.float32).reshape(-1)],
+            "route_cut": float(route_cut), "near_zero": float(near_zero), "hf_min": int(hf_min),
+            "threshold": float(threshold), "sharpness": float(sharpness)}
+
+
+class SpectralPart:
+    """A detector's spectral anomaly part from a sidecar ``"spectral"`` entry.
+
+    :meth:`ratio` is ``SpectralAnomaly`` (> 1: anomalous), :meth:`combine` is ``CombineScores``.
+    Raises ValueError for a malformed entry or one whose ``scale`` is not ``(2, H, W, 3)``.
+    """
+
+    def __init__(self, entry: Any, image_size: Optional[Sequence[int]] = None) -> None:
+        if not isinstance(entry, dict):
+            raise ValueError("must be an object")
+        if entry.get("version", SPECTRAL_VERSION) != SPECTRAL_VERSION:
+            raise ValueError(f"version {entry.get('version')!r} is not {SPECTRAL_VERSION} (a newer screen.py is needed)")
+        missing = [k for k in ("scale", "thresholds", "route_cut", "near_zero", "hf_min", "threshold", "sharpness")
+                   if k not in entry]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        try:
+            scale = decode_float32(entry["scale"])
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"scale: {one_line(exc)}") from None
+        if scale.ndim != 4 or scale.shape[0] != 2 or scale.shape[3] != 3:
+            raise ValueError(f"scale shape {list(scale.shape)}, expected [2, H, W, 3]")
+        if image_size is not None and tuple(scale.shape[1:3]) != tuple(image_size):
+            raise ValueError(f"scale is for {list(scale.shape[1:3])} images, the model's input is {list(image_size)}")
+        thresholds = np.asarray(entry["thresholds"], np.float64)
+        numbers = [entry[k] for k in ("route_cut", "near_zero", "hf_min", "threshold", "sharpness")]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+            raise ValueError("route_cut, near_zero, hf_min, threshold and sharpness must be numbers")
+        if thresholds.shape != (2,) or not np.all(np.isfinite(thresholds)) or not np.all(thresholds > 0):
+            raise ValueError("thresholds must be 2 positive numbers")
+        if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
+            raise ValueError("scale must be positive and finite")
+        self.scale = scale.astype(np.float64)
+        self.thresholds = thresholds
+        self.route_cut = float(entry["route_cut"])
+        self.near_zero = float(entry["near_zero"])
+        self.hf_min = int(entry["hf_min"])
+        self.threshold = float(entry["threshold"])
+        self.sharpness = float(entry["sharpness"])
+        h, w = scale.shape[1], scale.shape[2]
+        self.image_size = (h, w)
+        self._d_h, self._d_w = dct_matrix(h), dct_matrix(w)
+        self._d8 = dct_matrix(8)
+        p = np.arange(8)
+        self._hf = np.add.outer(p, p) >= self.hf_min   # high-frequency positions of an 8x8 block
+
+    def route(self, pixels: np.ndarray) -> np.ndarray:
+        """``(N,)`` branch per image: 1 JPEG-like, 0 lossless-like (``SpectralAnomaly.route``).
+
+        The 8x8 block DCT (JPEG grid) of the centred BT.601 luma; JPEG-like when the share of
+        near-zero coefficients among the high-frequency block positions exceeds ``route_cut``.
+        Sizes that are not multiples of 8 are all lossless-like.
+        """
+        n, h, w = pixels.shape[:3]
+        if h % 8 or w % 8:
+            return np.zeros(n, np.int64)
+        luma = pixels[..., 0] * 0.299 + pixels[..., 1] * 0.587 + pixels[..., 2] * 0.114 - 128.0
+        blocks = luma.reshape(n, h // 8, 8, w // 8, 8)
+        coef = np.einsum("pi,nbicj,qj->nbcpq", self._d8, blocks, self._d8, optimize=True)
+        near = (np.abs(coef) < self.near_zero) & self._hf
+        share = near.sum(axis=(1, 2, 3, 4)) / (self._hf.sum() * (h // 8) * (w // 8))
+        return (share > self.route_cut).astype(np.int64)
+
+    def ratio(self, pixels: Any) -> np.ndarray:
+        """``(N,)`` anomaly ratios of RGB pixels ``(N, H, W, 3)`` or ``(H, W, 3)`` (0..255, the
+        model's input size): ``max |X| / scale[branch]`` over every coefficient but the DC of
+        each channel (``X = D x D^T`` per channel), divided by ``thresholds[branch]``."""
+        x = np.asarray(pixels, np.float64)
+        if x.ndim == 3:
+            x = x[None]
+        if x.shape[1:] != self.scale.shape[1:]:
+            raise ValueError(f"pixels {list(x.shape[1:])}, expected {list(self.scale.shape[1:])}")
+        coeffs = np.einsum("uh,nhwc,vw->nuvc", self._d_h, x, self._d_w, optimize=True)
+        branch = self.route(x)
+        z = np.abs(coeffs) / self.scale[branch]
+        z[:, 0, 0, :] = 0.0   # the DC term (mean brightness) is never evidence
+        return z.reshape(len(x), -1).max(axis=1) / self.thresholds[branch]
+
+    def combine(self, p_cnn: Any, ratio: Any) -> Any:
+        """``max(p_cnn, t a^k / (t a^k + 1 - t))`` (``CombineScores``): above the detector's
+        threshold ``t`` iff ``p_cnn`` is or the ratio ``a`` exceeds 1."""
+        t = min(max(self.threshold, 1e-6), 1.0 - 1e-6)
+        ak = np.power(np.maximum(np.asarray(ratio, np.float64), 1e-6), self.sharpness)
+        with np.errstate(divide="ignore", over="ignore"):
+            p_spec = 1.0 / (1.0 + (1.0 - t) / (t * ak))   # = t ak / (t ak + 1 - t), no inf/inf
+        return np.maximum(p_cnn, p_spec)
 
 
 # --------------------------------------------------------------------------
@@ -340,7 +497,13 @@ class Screener:
 
     Attributes:
         model_path, threshold, resize, sidecar_path (or None),
-        input_size ``(H, W)``, input_dtype, output_shape.
+        input_size ``(H, W)``, input_dtype, output_shape, spectral (the
+        sidecar's :class:`SpectralPart`, or None).
+
+    With a sidecar ``"spectral"`` entry the score is the model's P(poisoned)
+    combined with the spectral anomaly ratio of the same resized pixels
+    (:meth:`SpectralPart.combine`, at the detector's own threshold even when
+    ``threshold`` overrides the verdict's).
     """
 
     def __init__(
@@ -374,6 +537,12 @@ class Screener:
                 f"{self.sidecar_path}: image_size {list(size)} does not match the model "
                 f"input {list(self.input_size)}"
             )
+        self.spectral: Optional[SpectralPart] = None
+        if sidecar.get("spectral") is not None:
+            try:
+                self.spectral = SpectralPart(sidecar["spectral"], self.input_size)
+            except ValueError as exc:
+                raise ModelError(f"{self.sidecar_path}: bad spectral entry ({one_line(exc)})") from None
         if threshold is None:
             threshold = sidecar.get("threshold")
         if threshold is None:
@@ -460,6 +629,10 @@ class Screener:
         resized to ``H x W`` with Pillow bilinear, then encoded for the input
         dtype with :func:`encode_pixels`.
         """
+        return encode_pixels(self.resized(img)[None], self.input_dtype, self._input_quant)
+
+    def resized(self, img: Union[np.ndarray, Image.Image]) -> np.ndarray:
+        """The uint8 RGB ``H x W x 3`` pixels the model sees (crop or stretch, then bilinear)."""
         rgb = to_rgb_array(img)
         height, width = self.input_size
         if rgb.shape[:2] != (height, width):
@@ -468,19 +641,24 @@ class Screener:
                 box = centre_crop_box(rgb.shape[1], rgb.shape[0], width / height)
             resized = Image.fromarray(rgb).resize((width, height), Image.BILINEAR, box=box)
             rgb = np.asarray(resized)
-        return encode_pixels(rgb[None], self.input_dtype, self._input_quant)
+        return rgb
 
     def score_timed(self, img: Union[np.ndarray, Image.Image]) -> Tuple[float, float]:
-        """Return ``(P(poisoned), latency_ms)``; latency covers preprocess + invoke.
+        """Return ``(P(poisoned), latency_ms)``; latency covers preprocess + invoke (+ the
+        spectral part, when the sidecar has one).
 
         Raises ValueError when the model returns a non-finite score.
         """
         start = time.perf_counter()
-        self._interpreter.set_tensor(self._input_index, self.preprocess(img))
+        rgb = self.resized(img)
+        self._interpreter.set_tensor(self._input_index,
+                                     encode_pixels(rgb[None], self.input_dtype, self._input_quant))
         self._interpreter.invoke()
         output = self._interpreter.get_tensor(self._output_index)
-        latency_ms = (time.perf_counter() - start) * 1000.0
         value = decode_score(output, self._output_quant)
+        if self.spectral is not None:
+            value = float(self.spectral.combine(value, self.spectral.ratio(rgb)[0]))
+        latency_ms = (time.perf_counter() - start) * 1000.0
         if not math.isfinite(value):
             raise ValueError(f"model returned a non-finite score ({value})")
         return value, latency_ms
