@@ -3,8 +3,8 @@
 The package, one concern a module (this one orchestrates :func:`export` and re-exports the public names):
 :mod:`.layer` (:class:`FoldedDCTNormalization`), :mod:`.folds` (BatchNorm folds), :mod:`.graph`
 (:func:`build_screener`), :mod:`.calibration` (:func:`representative_images`), :mod:`.flatbuffer`
-(op lists and rewrites of the ``.tflite``), :mod:`.convert` (:func:`convert`) and :mod:`.runtime`
-(:func:`tflite_scores`, :func:`describe`).
+(op lists and rewrites of the ``.tflite``), :mod:`.convert` (:func:`convert`), :mod:`.spectral`
+(the sidecar's ``"spectral"`` entry) and :mod:`.runtime` (:func:`tflite_scores`, :func:`describe`).
 
 The screener runs the whole detector on a device without TensorFlow (see ``edge/screen.py``):
 
@@ -13,7 +13,11 @@ The screener runs the whole detector on a device without TensorFlow (see ``edge/
 * output: ONE float32 tensor ``[1, 1]`` = P(poisoned);
 * TFLite builtin ops only (never Flex/Select-TF ops; :func:`check_builtin_only`);
 * a sidecar ``OUT.json`` (same stem) with ``threshold``, ``image_size``, ``quantize``, ``source``
-  and ``sha256`` of the ``.tflite``.
+  and ``sha256`` of the ``.tflite``;
+* a detector with a clean-spectrum anomaly part (:mod:`tfbackdoor.spectral`): the ``.tflite`` is
+  its CNN (``build_screener`` stops at ``probs``), and the sidecar gets a ``"spectral"`` entry
+  (:mod:`.spectral`) from which ``edge/screen.py`` recomputes the anomaly ratio in numpy and
+  combines it with the CNN's P(poisoned) as the detector does.
 
 That contract (the sidecar's fields, the verdict ``score > threshold``) is defined once in
 ``edge/screen.py`` (:func:`edge.screen.make_sidecar`, :func:`edge.screen.is_flagged`), which must run
@@ -83,6 +87,7 @@ from .folds import fold_batchnorm
 from .graph import FOLDS, HEADS, _resolve_fold, _resolve_head, build_screener, screener_scores
 from .layer import FoldedDCTNormalization
 from .runtime import describe, interpreter, tflite_scores
+from .spectral import describe_entry, sidecar_entry
 
 DEFAULT_CLIP = 8.0       # int8: normalised DCT values saturate at +-8 (clean images stay within ~+-8)
 DEFAULT_TAIL = 1e-3      # int8: share of each activation's calibration values left outside its range
@@ -96,7 +101,7 @@ def export(detector_path, out, quantize="int8", calibration=DEFAULT_CALIBRATION,
 
     Checks builtin-only ops, the uint8 ``[1, H, W, 3]`` input (scale 1 for int8) and the
     ``[1, 1]`` float output, and that the ``.tflite`` runs; both files are written atomically.
-    Returns a summary dict (also the sidecar's content plus ``ops``).
+    Returns a summary dict (also the sidecar's content plus ``ops``; a ``spectral`` entry without its scale bytes).
     """
     echo = echo or (lambda *_: None)
     model = detector_mod.load(detector_path)
@@ -140,8 +145,13 @@ def export(detector_path, out, quantize="int8", calibration=DEFAULT_CALIBRATION,
     if reps is not None:
         side["calibration"] = {"spec": calibration, "per_part": int(calibration_size), "images": int(len(reps)),
                                "seed": int(seed), "tail": tail if quantize == "int8" else 0.0}
+    spectral_part = sidecar_entry(model)
+    if spectral_part is not None:
+        side["spectral"] = spectral_part
     write_bytes(out, tfl)
     write_bytes(sidecar_path(out), (json.dumps(side, indent=2) + "\n").encode())
+    if spectral_part is not None:
+        side["spectral"] = describe_entry(spectral_part)
     return {**side, "out": str(out), "sidecar": str(sidecar_path(out)), "bytes": len(tfl), "ops": info["ops"],
             "float_ops_between": info["float_ops_between"], "op_list": op_list}
 
@@ -149,4 +159,4 @@ def export(detector_path, out, quantize="int8", calibration=DEFAULT_CALIBRATION,
 __all__ = ["export", "FoldedDCTNormalization", "fold_batchnorm", "build_screener", "screener_scores",
            "representative_images", "list_ops", "check_builtin_only", "fuse_int8_elu", "add_float_logistic", "convert",
            "interpreter", "tflite_scores", "describe", "QUANTIZE_MODES", "FOLDS", "HEADS", "DEFAULT_CALIBRATION",
-           "float_islands", "DEFAULT_CLIP", "DEFAULT_TAIL", "DEFAULT_FOLD_BN"]
+           "float_islands", "DEFAULT_CLIP", "DEFAULT_TAIL", "DEFAULT_FOLD_BN", "sidecar_entry"]

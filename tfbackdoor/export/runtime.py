@@ -22,13 +22,27 @@ def interpreter(tflite, num_threads=None):
     return it
 
 
-def tflite_scores(tflite, images, num_threads=None, return_latency=False):
+def spectral_part(tflite):
+    """The :class:`edge.screen.SpectralPart` of the sidecar beside a screener path, else ``None``."""
+    from edge.screen import SpectralPart, read_sidecar
+
+    if isinstance(tflite, (bytes, bytearray)) or hasattr(tflite, "invoke"):
+        return None
+    _, side = read_sidecar(Path(tflite))
+    return SpectralPart(side["spectral"]) if side.get("spectral") is not None else None
+
+
+def tflite_scores(tflite, images, num_threads=None, return_latency=False, spectral="auto"):
     """P(poisoned) of uint8 images ``(N, H, W, 3)`` through a screener ``.tflite`` (batch 1).
 
     ``tflite`` is a path, bytes, or an already allocated interpreter (reused as is, e.g. for
     repeated timing rounds). With ``return_latency`` also returns per-image
-    set_tensor + invoke + get_tensor times in ms.
+    set_tensor + invoke + get_tensor times in ms. ``spectral``: ``"auto"`` combines the
+    ``.tflite``'s scores with the spectral part of the sidecar beside a path, when it has one,
+    as ``edge/screen.py`` does (the screener's scores; the latency then includes it); ``None``:
+    the ``.tflite`` alone; or an :class:`edge.screen.SpectralPart`.
     """
+    part = spectral_part(tflite) if spectral == "auto" else spectral
     it = tflite if hasattr(tflite, "invoke") else interpreter(tflite, num_threads)
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     images = np.asarray(images)
@@ -49,6 +63,9 @@ def tflite_scores(tflite, images, num_threads=None, return_latency=False):
         lat[i] = (time.perf_counter() - t0) * 1000.0
         v = y.reshape(-1)[-1]
         scores[i] = (float(v) - ozp) * oscale if np.issubdtype(y.dtype, np.integer) else float(v)
+        if part is not None:
+            scores[i] = part.combine(scores[i], part.ratio(images[i])[0])
+            lat[i] = (time.perf_counter() - t0) * 1000.0
     return (scores, lat) if return_latency else scores
 
 

@@ -1,0 +1,35 @@
+"""A detector's clean-spectrum anomaly part (:mod:`tfbackdoor.spectral`) in the screener's sidecar.
+
+The ``.tflite`` holds the CNN only (:func:`~tfbackdoor.export.graph.build_screener` stops at the
+``probs`` layer); the :class:`~tfbackdoor.spectral.SpectralAnomaly` weights and router constants
+and the :class:`~tfbackdoor.spectral.CombineScores` threshold and sharpness go into the sidecar's
+``"spectral"`` entry (:func:`edge.screen.make_spectral_entry`), from which ``edge/screen.py``
+recomputes the ratio in numpy (:class:`edge.screen.SpectralPart`) and combines it with the CNN's
+P(poisoned) exactly as the detector does.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from edge.screen import make_spectral_entry
+
+from .. import spectral
+
+
+def sidecar_entry(model):
+    """The sidecar ``"spectral"`` entry of a detector with a spectral part, else ``None``."""
+    if not spectral.has_spectral(model):
+        return None
+    layer = next(l for l in model.layers if isinstance(l, spectral.SpectralAnomaly))
+    combine = next(l for l in model.layers if isinstance(l, spectral.CombineScores))
+    return make_spectral_entry(keras.ops.convert_to_numpy(layer.scale).astype(np.float32),
+                               keras.ops.convert_to_numpy(layer.thresholds).astype(np.float32),
+                               layer.route_cut, layer.near_zero, spectral.HF_MIN,
+                               combine.threshold, combine.sharpness)
+
+
+def describe_entry(entry) -> dict:
+    """The entry for people (the command's report): the scale's shape instead of its bytes."""
+    return {k: ({"dtype": v["dtype"], "shape": v["shape"]} if k == "scale" else v) for k, v in entry.items()}
