@@ -184,3 +184,106 @@ def test_screen_folder_of_pngs_end_to_end(int8_screener, small_detector, lossles
     assert r.exit_code == 0 and json.loads(r.output.strip().splitlines()[-1])["summary"]["poisoned"] == 6
     r = CliRunner().invoke(main, ["screen", "--model", str(tmp_path / "missing.tflite"), str(folder)])
     assert r.exit_code == 2
+
+
+# ------------------------------------------------------------------- the spectral anomaly part
+
+@pytest.fixture(scope="module")
+def natural(data_dir):
+    from tfbackdoor import data
+
+    x = data.load_arrays("natural32", limit=700, seed=11)[0]
+    return x[:400], x[400:500], x[500:]
+
+
+@pytest.fixture(scope="module")
+def spectral_detector(natural, lossless, tmp_path_factory):
+    """(model, path) of a cnn6 detector (normalization adapted, untrained, threshold 0.7) with a
+    spectral part fitted on natural32."""
+    from tfbackdoor import perturb, spectral
+
+    fit, cal, _ = natural
+    keras.utils.set_random_seed(0)
+    base = detector.build("cnn6", 32, "dct", threshold=0.7)
+    detector.adapt_normalization(base, lossless[0][:256], "dct", n=256)
+    model, _ = spectral.fit(base, [fit, perturb.BENIGN_VARIANTS["jpeg75"](fit[:150]).numpy()], [cal], target_fpr=2.0)
+    path = tmp_path_factory.mktemp("spec") / "spec.keras"
+    detector.save(model, path)
+    return model, path
+
+
+def _mixed(test):
+    """~200 images: clean, JPEG-recompressed (q75, q50), SIG and FTrojan-triggered."""
+    from tfbackdoor import perturb
+
+    return np.concatenate([test[:60], perturb.BENIGN_VARIANTS["jpeg75"](test[60:100]).numpy(),
+                           perturb.BENIGN_VARIANTS["jpeg50"](test[100:130]).numpy(),
+                           triggers.get("sig")(test[130:165]).numpy(), triggers.get("ftrojan")(test[165:200]).numpy()])
+
+
+def test_numpy_spectral_part_equals_the_keras_layers(spectral_detector, natural):
+    from edge.screen import SpectralPart
+    from tfbackdoor import spectral
+
+    model, _ = spectral_detector
+    x = _mixed(natural[2])
+    entry = json.loads(json.dumps(export.sidecar_entry(model)))   # through JSON, as on the device
+    part = SpectralPart(entry, (32, 32))
+    layer = model.get_layer("spectral_anomaly")
+    coeffs = frequency.dct2d(x)
+    np.testing.assert_array_equal(part.route(x.astype(np.float64)), layer.route(coeffs).numpy().astype(int))
+    assert 0.2 < part.route(x.astype(np.float64)).mean() < 0.8   # both branches are exercised
+    keras_ratio = layer(coeffs).numpy()
+    ratio = part.ratio(x)
+    np.testing.assert_allclose(ratio, keras_ratio, rtol=1e-4)
+    assert 0 < (ratio > 1).sum() < len(x)
+    cnn = detector.score(spectral.strip(model), x)
+    np.testing.assert_allclose(part.combine(cnn, ratio), detector.score(model, x), atol=1e-5)
+    assert part.threshold == pytest.approx(0.7) and part.scale.shape == (2, 32, 32, 3)
+
+
+def test_int8_screener_of_a_spectral_detector_flags_what_keras_flags(spectral_detector, natural, tmp_path):
+    from edge.screen import Screener
+
+    model, path = spectral_detector
+    out = tmp_path / "spec_int8.tflite"
+    summary = export.export(path, out, "int8", "cifar10:lossless", 32)
+    assert "base64" not in json.dumps(summary) and summary["spectral"]["scale"]["shape"] == [2, 32, 32, 3]
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest() and "base64" in side["spectral"]["scale"]
+    test = natural[2]
+    x = np.concatenate([test[:100], triggers.get("ftrojan")(test[100:200]).numpy()])
+    thr = detector.spec_of(model).threshold
+    keras_flags = detector.score(model, x) > thr
+    assert keras_flags[100:].mean() > 0.1 > keras_flags[:100].mean()   # few fit images: a modest operating point
+    screener = Screener(out)
+    assert screener.spectral is not None and screener.threshold == pytest.approx(thr)
+    scores = np.array([screener.score(img) for img in x])
+    flags = np.array([screener.verdict(s) == "poisoned" for s in scores])
+    assert np.mean(flags == keras_flags) >= 0.99
+    np.testing.assert_allclose(export.tflite_scores(out, x), scores, atol=1e-6)
+
+
+def test_a_sidecar_without_spectral_is_the_tflite_alone_and_bad_entries_are_refused(spectral_detector, natural,
+                                                                                    tmp_path):
+    from edge.screen import ModelError, Screener
+
+    _, path = spectral_detector
+    out = tmp_path / "spec_f32.tflite"
+    export.export(path, out, "float32")
+    side = json.loads(out.with_suffix(".json").read_text())
+    x = triggers.get("ftrojan")(natural[2][:30]).numpy()
+    cnn = export.tflite_scores(out, x, spectral=None)
+    assert np.abs(export.tflite_scores(out, x) - cnn).max() > 0.05   # the spectral part matters here
+    plain = dict(side)
+    del plain["spectral"]
+    out.with_suffix(".json").write_text(json.dumps(plain))
+    screener = Screener(out)
+    assert screener.spectral is None
+    np.testing.assert_allclose([screener.score(img) for img in x], cnn, atol=1e-6)
+    np.testing.assert_allclose(export.tflite_scores(out, x), cnn, atol=0)
+    bad = json.loads(json.dumps(side))
+    bad["spectral"]["scale"]["shape"] = [2, 16, 16, 3]
+    out.with_suffix(".json").write_text(json.dumps(bad))
+    with pytest.raises(ModelError, match="bad spectral entry"):
+        Screener(out)
