@@ -556,7 +556,7 @@ def export_cmd(detector_path, out, quantize, calibration, calibration_size, fold
 @main.command("screen", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--model", type=click.Path(), default=None,
               help="Screener .tflite (default: the shipped saved_models/screener_cifar10_int8.tflite).")
-@click.option("--threshold", type=float, default=None, help="Poisoned if score >= T (default: the sidecar's; required without one).")
+@click.option("--threshold", type=float, default=None, help="Poisoned if score > T (default: the sidecar's; required without one).")
 @click.option("--every", type=int, default=None, help="Process every N-th video/camera frame.")
 @click.argument("sources", nargs=-1, type=click.UNPROCESSED)
 def screen_cmd(model, threshold, every, sources):
