@@ -276,7 +276,7 @@ def train_detector(dataset, out, epochs, batch_size, domain, arch, image_size, l
     manipulation = _manipulation(manipulations, seed)
     x, _ = data.load_arrays(dataset, image_size=image_size, limit=limit, seed=seed)
     info = {"dataset": dataset, "limit": limit, "epochs": epochs, "seed": seed,
-            "benign": benign.get_config() if not isinstance(benign, bool) else benign,
+            "benign": benign.settings() if not isinstance(benign, bool) else benign,
             "manipulations": list(manipulation.kinds), "command": "tfbd " + " ".join(sys.argv[1:])}
     click.echo(f"training {arch}/{domain} on {len(x)} clean images of {dataset} ({x.shape[1]}px), "
                f"{epochs} epochs; checkpoints in {out}.ckpt/ (rerun to resume)")

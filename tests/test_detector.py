@@ -130,7 +130,7 @@ def test_benign_settings_parse_and_bad_ones_are_named():
     b = perturb.parse_benign("p_color=0.7, brightness=40,contrast=0.6:1.4", seed=3)
     assert (b.p_color, b.brightness, b.contrast, b.seed) == (0.7, 40.0, (0.6, 1.4), 3)
     assert b.p_jpeg == perturb.BenignProcessing().p_jpeg                  # the rest keep their defaults
-    assert perturb.parse_benign("").get_config() == perturb.BenignProcessing().get_config()
+    assert perturb.parse_benign("").settings() == perturb.BenignProcessing().settings()
     for bad, word in [("foo=1", "foo=1"), ("contrast=1", "lo:hi"), ("p_color=high", "a number"), ("p_color", "KEY=VALUE")]:
         with pytest.raises(ValueError, match=word):
             perturb.parse_benign(bad)

@@ -1,9 +1,12 @@
 """Random digital manipulations (detector training) and benign processing (codec-aware clean side).
 
-Following Keras's preprocessing layers, each class separates the random draw
-(``get_random_transformation``) from its application (``transform_images``), takes a seed,
-and round-trips through ``get_config``. All ops are stateless TensorFlow ops, vectorised over
-the batch, so they run inside ``tf.data`` maps.
+Both are registered Keras layers in the manner of Keras's own preprocessing layers
+(``keras.layers.RandomContrast``): each separates the random draw (``get_random_transformation``)
+from its application (``transform_images``), takes a seed, and round-trips through ``get_config``
+(:func:`keras.saving.serialize_keras_object`). All ops are stateless TensorFlow ops, vectorised over
+the batch, so they run inside ``tf.data`` maps. The seed is an int setting or, per call, a (2,)
+stateless seed (``layer(images, seed)``), so a ``tf.data`` map can give each batch its own draws
+reproducibly; a ``keras.random.SeedGenerator`` would draw afresh at every call instead.
 
 :class:`RandomManipulation` applies exactly ONE random manipulation to each image, from the
 paper's five (:data:`MANIPULATIONS`):
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import math
 
+import keras
 import tensorflow as tf
 
 MANIPULATIONS = ("white_block", "color_block", "noise", "shadow", "blend")   # the paper's five
@@ -132,7 +136,34 @@ def _freq_grid(h, w):
     return u, v
 
 
-class RandomManipulation:
+class _Preprocessing(keras.layers.Layer):
+    """What :class:`RandomManipulation` and :class:`BenignProcessing` share as Keras layers: uint8 in and
+    out, no weights, ``layer(images, seed)`` with an int or tensor seed, and a config made of the
+    constructor settings named in ``_SETTINGS`` (:meth:`settings`) beside Keras's own keys."""
+
+    _SETTINGS = ()
+
+    def __init__(self, **kwargs):
+        super().__init__(**{"autocast": False, **kwargs})
+        self._allow_non_tensor_positional_args = True   # the seed may be a plain int, passed positionally
+
+    def build(self, input_shape=None):
+        pass
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def settings(self) -> dict:
+        """The constructor's settings (ranges as lists), without Keras's name, trainable and dtype."""
+        values = {k: getattr(self, k) for k in self._SETTINGS}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
+
+    def get_config(self):
+        return {**super().get_config(), **self.settings()}
+
+
+@keras.saving.register_keras_serializable(package="tfbackdoor")
+class RandomManipulation(_Preprocessing):
     """One random manipulation per image, drawn from ``kinds``.
 
     The paper's five (:data:`MANIPULATIONS`; defaults follow the paper's own training code,
@@ -179,10 +210,15 @@ class RandomManipulation:
     Input: uint8 ``(N, H, W, 3)``. Output: uint8 ``(N, H, W, 3)``.
     """
 
+    _SETTINGS = ("kinds", "block_size", "corner_prob", "corner_margin", "pixel_color_prob", "noise_std", "noise_mean",
+                 "shadow", "blend_alpha", "blend_mode", "patch_size", "field_amplitude", "bump_magnitude",
+                 "warp_pixels", "seed")
+
     def __init__(self, kinds=MANIPULATIONS, block_size=(0.06, 0.22), corner_prob=0.75, corner_margin=0.16,
                  pixel_color_prob=0.5, noise_std=(3.0, 8.5), noise_mean=(0.0, 25.0), shadow=(0.35, 0.8),
                  blend_alpha=(0.1, 0.3), blend_mode="add", patch_size=(1, 4), field_amplitude=(6.0, 40.0),
-                 bump_magnitude=(10.0, 60.0), warp_pixels=(0.3, 1.5), seed=0):
+                 bump_magnitude=(10.0, 60.0), warp_pixels=(0.3, 1.5), seed=0, **kwargs):
+        super().__init__(**kwargs)
         if isinstance(kinds, str):
             kinds = parse_kinds(kinds)
         unknown = set(kinds) - set(GENERIC_MANIPULATIONS)
@@ -348,17 +384,10 @@ class RandomManipulation:
         out = tf.ensure_shape(out, images.shape if images.shape.rank == 4 else [None] * 4)
         return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
 
-    def __call__(self, images, seed=None):
+    def call(self, images, seed=None):
         images = tf.convert_to_tensor(images)
         t = self.get_random_transformation(images, self.seed if seed is None else seed)
         return self.transform_images(images, t)
-
-    def get_config(self):
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
 
 def parse_kinds(text):
@@ -492,7 +521,8 @@ def _jpeg_batch(images, quality):
                      fn_output_signature=tf.TensorSpec(shape, tf.uint8))
 
 
-class BenignProcessing:
+@keras.saving.register_keras_serializable(package="tfbackdoor")
+class BenignProcessing(_Preprocessing):
     """Random benign processing of a uint8 ``(N, H, W, 3)`` batch (or one ``(H, W, 3)`` image).
 
     Each image draws each step with its own probability and its own parameters, and the steps
@@ -510,8 +540,12 @@ class BenignProcessing:
       p_resize: probability of resizing down by a factor in ``resize`` and back up.
     """
 
+    _SETTINGS = ("p_jpeg", "jpeg_quality", "p_color", "brightness", "contrast", "p_blur", "blur_sigma", "p_resize",
+                 "resize", "seed")
+
     def __init__(self, p_jpeg=0.5, jpeg_quality=(40, 95), p_color=0.3, brightness=30.0, contrast=(0.7, 1.3),
-                 p_blur=0.1, blur_sigma=(0.3, 1.0), p_resize=0.1, resize=(0.5, 0.9), seed=0):
+                 p_blur=0.1, blur_sigma=(0.3, 1.0), p_resize=0.1, resize=(0.5, 0.9), seed=0, **kwargs):
+        super().__init__(**kwargs)
         self.p_jpeg, self.jpeg_quality = float(p_jpeg), tuple(jpeg_quality)
         self.p_color, self.brightness, self.contrast = float(p_color), float(brightness), tuple(contrast)
         self.p_blur, self.blur_sigma = float(p_blur), tuple(blur_sigma)
@@ -552,19 +586,12 @@ class BenignProcessing:
             out = _on_subset(out, t["do_jpeg"], _jpeg_batch, t["quality"])
         return tf.ensure_shape(out, images.shape)
 
-    def __call__(self, images, seed=None):
+    def call(self, images, seed=None):
         images = tf.convert_to_tensor(images)
         seed = self.seed if seed is None else seed
         if images.shape.rank == 3:   # one image
             return self.transform_images(images[None], self.get_random_transformation(images[None], seed))[0]
         return self.transform_images(images, self.get_random_transformation(images, seed))
-
-    def get_config(self):
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
 
 
 def parse_benign(text, seed=0):
@@ -574,7 +601,7 @@ def parse_benign(text, seed=0):
     bad value raises ``ValueError`` naming it.
     """
     kwargs = {}
-    defaults = BenignProcessing().get_config()
+    defaults = BenignProcessing().settings()
     for item in [t.strip() for t in (text or "").split(",") if t.strip()]:
         key, sep, val = item.partition("=")
         key = key.strip()

@@ -2,26 +2,24 @@
 
 Every trigger is a callable object: ``trigger(images)`` takes a uint8 tensor ``(N, H, W, 3)`` (or a
 single ``(H, W, 3)`` image) and returns a uint8 tensor of the same shape; subclasses implement
-``apply(x)`` on float images in [0, 1] with TensorFlow ops. Classes register themselves in
-:data:`_CLASSES` (the paper's in :mod:`.paper`, the zoo's in :mod:`.zoo`), which
-:func:`from_config` reads; the package imports both, so every class is known once
-``tfbackdoor.triggers`` is imported.
+``apply(x)`` on float images in [0, 1] with TensorFlow ops. Every class is a Keras layer registered
+with ``keras.saving.register_keras_serializable(package="tfbackdoor")`` (the paper's in :mod:`.paper`,
+the zoo's in :mod:`.zoo`; the package imports both), so :func:`serialize` / :func:`from_config` are
+Keras's own ``serialize_keras_object`` / ``deserialize_keras_object``.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 from PIL import Image
 
 from ..errors import TfbdError
 from ..specs import data_root
-
-#: class name -> class, for :func:`from_config` (filled by :mod:`.paper` and :mod:`.zoo`).
-_CLASSES = {}
-
 
 def _as_batch(images):
     images = tf.convert_to_tensor(images)
@@ -35,21 +33,52 @@ def _to_uint8(x):
     return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)
 
 
-class Trigger:
-    """Base class: subclasses implement ``apply(x)`` on float images ``(N, H, W, 3)`` in [0, 1]."""
+#: characters a TensorFlow name scope may not hold (trigger names such as ``smooth:random``,
+#: ``badnets+jpeg75`` or ``file:DIR/x.npy`` do)
+_NOT_IN_SCOPE = re.compile(r"[^A-Za-z0-9_.>-]")
+
+
+def _scope_name(name: str) -> str:
+    name = _NOT_IN_SCOPE.sub("_", name)
+    return name if name[:1].isalnum() or name[:1] == "." else "t" + name
+
+
+@keras.saving.register_keras_serializable(package="tfbackdoor")
+class Trigger(keras.layers.Layer):
+    """Base class: subclasses implement ``apply(x)`` on float images ``(N, H, W, 3)`` in [0, 1].
+
+    A Keras layer (uint8 in, uint8 out, no weights): ``name`` is the trigger's name as the
+    registry gives it (the class's ``name`` by default); TensorFlow name scopes get it with the
+    characters they refuse replaced by ``_``.
+    """
 
     name = "trigger"
 
-    def __call__(self, images):
+    def __init__(self, name=None, **kwargs):
+        name = name or type(self).name
+        super().__init__(name=_scope_name(name), **{"autocast": False, **kwargs})
+        self.name = name   # Keras refuses "/" in a layer name; file triggers' names hold paths
+
+    def _open_name_scope(self):
+        shown, self.name = self.name, _scope_name(self.name)
+        try:
+            return super()._open_name_scope()
+        finally:
+            self.name = shown
+
+    def build(self, input_shape=None):
+        pass   # no weights (sub-triggers of OneOf, Compose, JpegTrigger have none either)
+
+    def call(self, images):
         batch, single = _as_batch(images)
         out = _to_uint8(self.apply(tf.cast(batch, tf.float32) / 255.0))
         return out[0] if single else out
 
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
     def apply(self, x):  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def get_config(self) -> dict:
-        return {}
 
     def __repr__(self):
         return f"{type(self).__name__}({self.name})"
@@ -67,14 +96,13 @@ def _batch_key(x, salt):
 
 
 def serialize(trigger: Trigger) -> dict:
-    return {"class_name": type(trigger).__name__, "config": trigger.get_config()}
+    """Keras's ``serialize_keras_object`` (class, registered name ``tfbackdoor>Class``, config)."""
+    return keras.saving.serialize_keras_object(trigger)
 
 
 def from_config(d: dict) -> Trigger:
-    cfg = dict(d["config"])
-    if d["class_name"] in ("Compose", "OneOf"):
-        cfg["triggers"] = [from_config(t) for t in cfg["triggers"]]
-    return _CLASSES[d["class_name"]](**cfg)
+    """Keras's ``deserialize_keras_object``; also takes a bare ``{"class_name", "config"}`` of a tfbackdoor class."""
+    return keras.saving.deserialize_keras_object({"registered_name": f"tfbackdoor>{d['class_name']}", **d})
 
 
 def read_pattern(path) -> np.ndarray:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from ..errors import TfbdError
 from ..filters import low_pass, minmax_scale
-from .base import _CLASSES, Trigger, _batch_key, _resize_pattern, read_pattern, serialize, trigger_dir_default
+from .base import Trigger, _batch_key, _resize_pattern, from_config, read_pattern, serialize, trigger_dir_default
 
 PAPER_DETECTOR_ATTACKS = ("badnets", "trojan_wm", "trojan_sq", "blend", "nature", "l2_inv", "l0_inv")
 PAPER_ATTACKS = PAPER_DETECTOR_ATTACKS + ("smooth",)
@@ -34,6 +35,7 @@ _FILES = {
 }
 
 
+@keras.saving.register_keras_serializable(package="tfbackdoor")
 class PatchTrigger(Trigger):
     """Paste ``patch`` (float ``(h, w, 3)`` in [0, 1]) at a location.
 
@@ -47,7 +49,8 @@ class PatchTrigger(Trigger):
 
     name = "patch"
 
-    def __init__(self, patch, location="bottom_right", mask=None, seed=0, margin=1, name=None):
+    def __init__(self, patch, location="bottom_right", mask=None, seed=0, margin=1, name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
         self.patch = np.asarray(patch, np.float32)
         if self.patch.ndim == 2:
             self.patch = np.repeat(self.patch[..., None], 3, -1)
@@ -56,8 +59,6 @@ class PatchTrigger(Trigger):
         self.location = location
         self.seed = int(seed)
         self.margin = int(margin)
-        if name:
-            self.name = name
         self._calls = 0
 
     def _offsets(self, n, h, w):
@@ -97,10 +98,11 @@ class PatchTrigger(Trigger):
 
     def get_config(self):
         loc = self.location if isinstance(self.location, str) else list(self.location)
-        return {"patch": self.patch.tolist(), "location": loc, "mask": self.mask.tolist(),
-                "seed": self.seed, "margin": self.margin, "name": self.name}
+        return {**super().get_config(), "patch": self.patch.tolist(), "location": loc, "mask": self.mask.tolist(),
+                "seed": self.seed, "margin": self.margin}
 
 
+@keras.saving.register_keras_serializable(package="tfbackdoor")
 class AdditiveTrigger(Trigger):
     """``clip(x * (1 - M) + alpha * T, 0, 1)``: additive pattern with optional mask.
 
@@ -112,14 +114,13 @@ class AdditiveTrigger(Trigger):
 
     name = "additive"
 
-    def __init__(self, pattern, mask=None, alpha=1.0, name=None):
+    def __init__(self, pattern, mask=None, alpha=1.0, name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
         self.pattern = np.asarray(pattern, np.float32)
         self.mask = None if mask is None else np.asarray(mask, np.float32)
         if self.mask is not None and self.mask.ndim == 2:
             self.mask = self.mask[..., None]
         self.alpha = float(alpha)
-        if name:
-            self.name = name
 
     def _sized(self, h):
         t = _resize_pattern(self.pattern, h)
@@ -133,10 +134,11 @@ class AdditiveTrigger(Trigger):
         return tf.clip_by_value(x + self.alpha * t, 0.0, 1.0)
 
     def get_config(self):
-        return {"pattern": self.pattern.tolist(), "mask": None if self.mask is None else self.mask.tolist(),
-                "alpha": self.alpha, "name": self.name}
+        return {**super().get_config(), "pattern": self.pattern.tolist(),
+                "mask": None if self.mask is None else self.mask.tolist(), "alpha": self.alpha}
 
 
+@keras.saving.register_keras_serializable(package="tfbackdoor")
 class BlendTrigger(Trigger):
     """Alpha blend with an image: ``(1 - alpha) * x + alpha * B``.
 
@@ -147,20 +149,20 @@ class BlendTrigger(Trigger):
 
     name = "alpha_blend"
 
-    def __init__(self, image, alpha=0.1, name=None):
+    def __init__(self, image, alpha=0.1, name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
         self.image = np.asarray(image, np.float32)
         self.alpha = float(alpha)
-        if name:
-            self.name = name
 
     def apply(self, x):
         b = _resize_pattern(self.image, x.shape[1])
         return (1.0 - self.alpha) * x + self.alpha * b
 
     def get_config(self):
-        return {"image": self.image.tolist(), "alpha": self.alpha, "name": self.name}
+        return {**super().get_config(), "image": self.image.tolist(), "alpha": self.alpha}
 
 
+@keras.saving.register_keras_serializable(package="tfbackdoor")
 class SmoothTrigger(Trigger):
     """``minmax(x + alpha * S)``: the paper's smooth-trigger rule (min-max rescale, no clip).
 
@@ -171,21 +173,21 @@ class SmoothTrigger(Trigger):
 
     name = "smooth"
 
-    def __init__(self, pattern, alpha=1.0, name=None):
+    def __init__(self, pattern, alpha=1.0, name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
         p = np.asarray(pattern, np.float32)
         self.pattern = p[0] if p.ndim == 4 else p
         self.alpha = float(alpha)
-        if name:
-            self.name = name
 
     def apply(self, x):
         s = _resize_pattern(self.pattern, x.shape[1])
         return minmax_scale(x + self.alpha * s)
 
     def get_config(self):
-        return {"pattern": self.pattern.tolist(), "alpha": self.alpha, "name": self.name}
+        return {**super().get_config(), "pattern": self.pattern.tolist(), "alpha": self.alpha}
 
 
+@keras.saving.register_keras_serializable(package="tfbackdoor")
 class RandomSmoothTrigger(Trigger):
     """A fresh random smooth trigger per image: ``minmax(x + a * S_i)`` (for detector training).
 
@@ -199,11 +201,10 @@ class RandomSmoothTrigger(Trigger):
 
     name = "smooth:random"
 
-    def __init__(self, bound=0.2, amplitude=(0.5, 1.0), photo_prob=0.5, seed=0, name=None):
+    def __init__(self, bound=0.2, amplitude=(0.5, 1.0), photo_prob=0.5, seed=0, name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
         self.bound, self.amplitude = float(bound), (float(amplitude[0]), float(amplitude[1]))
         self.photo_prob, self.seed = float(photo_prob), int(seed)
-        if name:
-            self.name = name
 
     def apply(self, x):
         n = tf.shape(x)[0]
@@ -217,21 +218,27 @@ class RandomSmoothTrigger(Trigger):
         return minmax_scale(x + a * pat)
 
     def get_config(self):
-        return {"bound": self.bound, "amplitude": list(self.amplitude), "photo_prob": self.photo_prob,
-                "seed": self.seed, "name": self.name}
+        return {**super().get_config(), "bound": self.bound, "amplitude": list(self.amplitude),
+                "photo_prob": self.photo_prob, "seed": self.seed}
 
 
+@keras.saving.register_keras_serializable(package="tfbackdoor")
 class OneOf(Trigger):
     """Each image gets ONE of ``triggers``, drawn uniformly (seeded by ``seed`` and the batch's pixel sum)."""
 
+    # Not keras.layers.RandomChoice: Keras 3 has none (keras_cv's calls one whole layer per image through a
+    # map, each rounding its output); this draws per image from a seed made of the batch's pixels (the same
+    # batch gets the same choice) and selects among the float outputs, rounded once.
+
     name = "one_of"
 
-    def __init__(self, triggers, seed=0, name=None):
-        self.triggers = list(triggers)
-        if not self.triggers:
+    def __init__(self, triggers, seed=0, name=None, **kwargs):
+        triggers = [from_config(t) if isinstance(t, dict) else t for t in triggers]
+        if not triggers:
             raise TfbdError("OneOf needs at least one trigger")
+        super().__init__(name=name or ",".join(t.name for t in triggers), **kwargs)
+        self.triggers = triggers
         self.seed = int(seed)
-        self.name = name or ",".join(t.name for t in self.triggers)
 
     def apply(self, x):
         key = _batch_key(x, self.seed + 11)
@@ -242,18 +249,19 @@ class OneOf(Trigger):
         return out
 
     def get_config(self):
-        return {"triggers": [serialize(t) for t in self.triggers], "seed": self.seed, "name": self.name}
+        return {**super().get_config(), "triggers": [serialize(t) for t in self.triggers], "seed": self.seed}
 
 
+@keras.saving.register_keras_serializable(package="tfbackdoor")
 class Compose(Trigger):
-    """Apply several triggers in order."""
+    """Apply several triggers in order (on the float image, rounded to uint8 once at the end; so not
+    ``keras.layers.Pipeline``, which calls each layer whole and would round between them)."""
 
     name = "compose"
 
-    def __init__(self, triggers, name=None):
-        self.triggers = list(triggers)
-        if name:
-            self.name = name
+    def __init__(self, triggers, name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.triggers = [from_config(t) if isinstance(t, dict) else t for t in triggers]
 
     def apply(self, x):
         for t in self.triggers:
@@ -261,11 +269,7 @@ class Compose(Trigger):
         return x
 
     def get_config(self):
-        return {"triggers": [serialize(t) for t in self.triggers], "name": self.name}
-
-
-_CLASSES.update({c.__name__: c for c in (PatchTrigger, AdditiveTrigger, BlendTrigger, SmoothTrigger, RandomSmoothTrigger,
-                                         Compose, OneOf)})
+        return {**super().get_config(), "triggers": [serialize(t) for t in self.triggers]}
 
 
 # --------------------------------------------------------------------------- the paper's triggers

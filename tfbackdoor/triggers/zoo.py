@@ -51,12 +51,13 @@ import math
 import re
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from ..errors import TfbdError
 from ..frequency import dct2d, idct2d
-from .base import (_CLASSES, Trigger, _as_batch, _batch_key, _to_uint8, from_config, read_pattern, serialize,
+from .base import (Trigger, _as_batch, _batch_key, _to_uint8, from_config, read_pattern, serialize,
                    trigger_dir_default)
 from .paper import BlendTrigger, PatchTrigger
 
@@ -117,6 +118,7 @@ def blended(path=None, alpha=0.2, trigger_dir=None) -> BlendTrigger:
 
 # ------------------------------------------------------------------------------ SIG
 
+@keras.saving.register_keras_serializable(package="tfbackdoor")
 class SigTrigger(Trigger):
     """SIG (Barni, Kallas & Tondi, ICIP 2019): a horizontal sinusoidal signal added to every row.
 
@@ -130,10 +132,9 @@ class SigTrigger(Trigger):
 
     name = "sig"
 
-    def __init__(self, delta=40.0, frequency=6, name=None):
+    def __init__(self, delta=40.0, frequency=6, name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
         self.delta, self.frequency = float(delta), float(frequency)
-        if name:
-            self.name = name
 
     def apply(self, x):
         w = x.shape[2]
@@ -142,7 +143,7 @@ class SigTrigger(Trigger):
         return tf.clip_by_value(x + v[None, None, :, None], 0.0, 1.0)
 
     def get_config(self):
-        return {"delta": self.delta, "frequency": self.frequency, "name": self.name}
+        return {**super().get_config(), "delta": self.delta, "frequency": self.frequency}
 
 
 # ------------------------------------------------------------------------------ WaNet
@@ -168,6 +169,7 @@ def _bicubic_matrix(n_out: int, n_in: int, a: float = -0.75) -> np.ndarray:
     return m
 
 
+@keras.saving.register_keras_serializable(package="tfbackdoor")
 class WarpTrigger(Trigger):
     """WaNet (Nguyen & Tran, ICLR 2021): a small, smooth, fixed image warp.
 
@@ -191,10 +193,9 @@ class WarpTrigger(Trigger):
 
     name = "wanet"
 
-    def __init__(self, k=4, s=0.5, grid_rescale=1.0, seed=0, name=None):
+    def __init__(self, k=4, s=0.5, grid_rescale=1.0, seed=0, name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
         self.k, self.s, self.grid_rescale, self.seed = int(k), float(s), float(grid_rescale), int(seed)
-        if name:
-            self.name = name
         self._cache = {}
 
     def grid(self, h: int, w: int) -> np.ndarray:
@@ -228,7 +229,8 @@ class WarpTrigger(Trigger):
         return tf.reshape(out, [-1, h, w, c])
 
     def get_config(self):
-        return {"k": self.k, "s": self.s, "grid_rescale": self.grid_rescale, "seed": self.seed, "name": self.name}
+        return {**super().get_config(), "k": self.k, "s": self.s, "grid_rescale": self.grid_rescale,
+                "seed": self.seed}
 
 
 # ------------------------------------------------------------------------------ FTrojan / CTRL
@@ -246,6 +248,7 @@ _COLOR = {
 }
 
 
+@keras.saving.register_keras_serializable(package="tfbackdoor")
 class ChromaDCTTrigger(Trigger):
     """FTrojan / CTRL: fixed bumps on chosen block-DCT coefficients of the chroma channels.
 
@@ -271,7 +274,8 @@ class ChromaDCTTrigger(Trigger):
     name = "chroma_dct"
 
     def __init__(self, magnitude=30.0, positions=((15, 15), (31, 31)), window=32, channels=(1, 2), space="ycrcb",
-                 name=None):
+                 name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
         self.magnitude, self.window = float(magnitude), int(window)
         self.positions = [tuple(int(v) for v in p) for p in positions]
         self.channels = [int(c) for c in channels]
@@ -280,8 +284,6 @@ class ChromaDCTTrigger(Trigger):
         if any(not 0 <= v < self.window for p in self.positions for v in p):
             raise TfbdError(f"DCT positions {self.positions} must lie inside the {self.window}x{self.window} window")
         self.space = space
-        if name:
-            self.name = name
 
     def _delta(self):
         d = np.zeros((3, self.window, self.window), np.float32)
@@ -314,8 +316,8 @@ class ChromaDCTTrigger(Trigger):
         return tf.clip_by_value(rgb / 255.0, 0.0, 1.0)
 
     def get_config(self):
-        return {"magnitude": self.magnitude, "positions": [list(p) for p in self.positions], "window": self.window,
-                "channels": list(self.channels), "space": self.space, "name": self.name}
+        return {**super().get_config(), "magnitude": self.magnitude, "positions": [list(p) for p in self.positions],
+                "window": self.window, "channels": list(self.channels), "space": self.space}
 
 
 def ftrojan() -> ChromaDCTTrigger:
@@ -330,6 +332,7 @@ def ctrl() -> ChromaDCTTrigger:
 
 # ------------------------------------------------------------------------------ low frequency
 
+@keras.saving.register_keras_serializable(package="tfbackdoor")
 class LowFrequencyTrigger(Trigger):
     """A seeded low-frequency universal additive trigger (in the spirit of BackdoorBench's LF).
 
@@ -343,10 +346,9 @@ class LowFrequencyTrigger(Trigger):
 
     name = "lf"
 
-    def __init__(self, seed=0, max_abs=0.1, cutoff=0.25, name=None):
+    def __init__(self, seed=0, max_abs=0.1, cutoff=0.25, name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
         self.seed, self.max_abs, self.cutoff = int(seed), float(max_abs), float(cutoff)
-        if name:
-            self.name = name
         self._cache = {}
 
     def pattern(self, h: int, w: int) -> np.ndarray:
@@ -364,7 +366,7 @@ class LowFrequencyTrigger(Trigger):
         return tf.clip_by_value(x + self.pattern(x.shape[1], x.shape[2]), 0.0, 1.0)
 
     def get_config(self):
-        return {"seed": self.seed, "max_abs": self.max_abs, "cutoff": self.cutoff, "name": self.name}
+        return {**super().get_config(), "seed": self.seed, "max_abs": self.max_abs, "cutoff": self.cutoff}
 
 
 # ------------------------------------------------------------------------------ ART insert_image
@@ -408,6 +410,7 @@ def _paste(x, patch, alpha, top, left):
     return x * (1.0 - a) + p * a
 
 
+@keras.saving.register_keras_serializable(package="tfbackdoor")
 class InsertImageTrigger(Trigger):
     """IBM ART's ``insert_image`` backdoor: an icon pasted at a random place in each image.
 
@@ -421,11 +424,10 @@ class InsertImageTrigger(Trigger):
 
     name = "insert_image"
 
-    def __init__(self, icon=None, size=10, blend=0.8, seed=0, name=None):
+    def __init__(self, icon=None, size=10, blend=0.8, seed=0, name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
         self.icon = None if icon is None else np.asarray(icon, np.float32)
         self.size, self.blend, self.seed = int(size), float(blend), int(seed)
-        if name:
-            self.name = name
         self._cache = {}
 
     def patch(self, image_size: int) -> np.ndarray:
@@ -449,8 +451,8 @@ class InsertImageTrigger(Trigger):
         return _paste(x, tf.constant(p), self.blend, top, left)
 
     def get_config(self):
-        return {"icon": None if self.icon is None else self.icon.tolist(), "size": self.size, "blend": self.blend,
-                "seed": self.seed, "name": self.name}
+        return {**super().get_config(), "icon": None if self.icon is None else self.icon.tolist(), "size": self.size,
+                "blend": self.blend, "seed": self.seed}
 
 
 # ------------------------------------------------------------------------------ JPEG
@@ -498,22 +500,17 @@ class JpegRoundTrip:
         return f"JpegRoundTrip({self.quality})"
 
 
+@keras.saving.register_keras_serializable(package="tfbackdoor")
 class NoTrigger(Trigger):
     """The identity (``clean``): with ``+jpegQ`` it gives the JPEG round trip alone, a control row."""
 
     name = "clean"
 
-    def __init__(self, name=None):
-        if name:
-            self.name = name
-
     def apply(self, x):
         return x
 
-    def get_config(self):
-        return {"name": self.name}
 
-
+@keras.saving.register_keras_serializable(package="tfbackdoor")
 class JpegTrigger(Trigger):
     """``trigger`` then a JPEG round trip at ``quality``: name ``<trigger>+jpeg<quality>``.
 
@@ -527,20 +524,21 @@ class JpegTrigger(Trigger):
       quality: JPEG quality 1..100.
     """
 
-    def __init__(self, trigger, quality=90, name=None):
-        self.trigger = from_config(trigger) if isinstance(trigger, dict) else trigger
-        self.quality = int(quality)
-        if not 1 <= self.quality <= 100:
+    def __init__(self, trigger, quality=90, name=None, **kwargs):
+        trigger = from_config(trigger) if isinstance(trigger, dict) else trigger
+        if not 1 <= int(quality) <= 100:
             raise TfbdError(f"JPEG quality must be in 1..100, got {quality}")
+        super().__init__(name=name or f"{trigger.name}+jpeg{int(quality)}", **kwargs)
+        self.trigger = trigger
+        self.quality = int(quality)
         self.clean_transform = JpegRoundTrip(self.quality)
-        self.name = name or f"{self.trigger.name}+jpeg{self.quality}"
 
     def apply(self, x):
         y = _to_uint8(self.trigger.apply(x))
         return tf.cast(self.clean_transform(y), tf.float32) / 255.0
 
     def get_config(self):
-        return {"trigger": serialize(self.trigger), "quality": self.quality, "name": self.name}
+        return {**super().get_config(), "trigger": serialize(self.trigger), "quality": self.quality}
 
 
 # ------------------------------------------------------------------------------ registry
@@ -582,6 +580,3 @@ def get(key: str, image_size: int = 32, trigger_dir=None):
         return InsertImageTrigger(read_pattern(path), name=key)
     return None
 
-
-_CLASSES.update({c.__name__: c for c in (SigTrigger, WarpTrigger, ChromaDCTTrigger, LowFrequencyTrigger,
-                                         InsertImageTrigger, NoTrigger, JpegTrigger)})
