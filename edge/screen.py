@@ -4,8 +4,8 @@
 Runs a tfbackdoor screener model (``.tflite``) on images, folders, video
 files or a camera and prints one JSON line per image or frame.  It needs only
 numpy, Pillow and ``ai-edge-litert`` (or the older ``tflite-runtime``);
-OpenCV (``opencv-python-headless``) is needed only for video and camera
-input.  TensorFlow is never imported, and nothing from ``tfbackdoor`` is.
+OpenCV (``opencv-python-headless``: ``pip install 'tfbackdoor[video]'``) is
+needed only for video and camera input.  TensorFlow is never imported, and nothing from ``tfbackdoor`` is.
 
 Model contract (what the tfbackdoor exporter writes):
 
@@ -41,7 +41,7 @@ Command line (see ``--help`` and ``edge/README.md``)::
 
     python edge/screen.py [--model PATH] [--threshold T] [--every N]
         [--camera IDX] [--max-frames N] [--resize stretch|crop]
-        [--summary-only] SOURCES...
+        [--out FILE.csv|FILE.jsonl] [--summary-only] SOURCES...
 
 Library use (repository root on ``sys.path``)::
 
@@ -56,12 +56,14 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import csv
 import hashlib
 import json
 import math
 import os
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -71,6 +73,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 PROG = "screen"
+#: The pip extra that installs the video/camera decoder (OpenCV) beside tfbackdoor.
+VIDEO_EXTRA = "tfbackdoor[video]"
 DEFAULT_MODEL_NAME = "screener_cifar10_int8.tflite"
 DEFAULT_MAX_PIXELS = 40_000_000
 RESIZE_MODES = ("crop", "stretch")
@@ -722,12 +726,13 @@ def iter_image_files(folder: Union[str, os.PathLike]) -> Iterator[str]:
 
 
 def _require_cv2() -> Any:
-    """Import OpenCV lazily; raise UnreadableInput with an install hint if absent."""
+    """Import OpenCV lazily; raise UnreadableInput naming the extra to install if absent."""
     try:
         import cv2
     except ImportError:
         raise UnreadableInput(
-            "video and camera input need OpenCV (pip install opencv-python-headless)"
+            f"video and camera input need OpenCV: pip install '{VIDEO_EXTRA}' "
+            "(or opencv-python-headless alone beside screen.py)"
         ) from None
     return cv2
 
@@ -758,10 +763,22 @@ def _bgr_to_rgb(frame: np.ndarray) -> np.ndarray:
     return frame
 
 
+class FrameName(str):
+    """The source name of a video or camera frame, ``"<prefix>#frame=<i>"``; a ``str`` whose
+    ``frame`` attribute is the frame index ``i`` (so reports need not parse the name)."""
+
+    frame: int
+
+    def __new__(cls, prefix: str, frame: int) -> "FrameName":
+        name = super().__new__(cls, f"{prefix}#frame={frame}")
+        name.frame = int(frame)
+        return name
+
+
 def iter_frames(
     capture: Any, prefix: str, every: int = 1, max_frames: Optional[int] = None
 ) -> Iterator[Item]:
-    """Yield ``("<prefix>#frame=<i>", rgb)`` for every ``every``-th frame.
+    """Yield ``(FrameName("<prefix>#frame=<i>"), rgb)`` for every ``every``-th frame.
 
     Frame indices count from 0 over all frames read; skipped frames are only
     grabbed, not decoded.  Stops at the end of the stream, after
@@ -778,11 +795,11 @@ def iter_frames(
                     if not ok or frame is None:
                         break
                     processed += 1
-                    yield f"{prefix}#frame={index}", _bgr_to_rgb(frame)
+                    yield FrameName(prefix, index), _bgr_to_rgb(frame)
                 elif not capture.grab():
                     break
             except Exception as exc:  # cv2.error from a broken stream
-                yield f"{prefix}#frame={index}", UnreadableInput(f"frame read failed: {one_line(exc)}")
+                yield FrameName(prefix, index), UnreadableInput(f"frame read failed: {one_line(exc)}")
                 break
             index += 1
     finally:
@@ -877,31 +894,115 @@ def _emit(out: TextIO, record: Dict[str, Any]) -> None:
     out.flush()
 
 
+#: Columns of a ``--out`` file: one row per image or frame (``frame`` empty for images;
+#: ``score``/``flagged``/``verdict``/``latency_ms`` empty and ``error`` set for unreadable items).
+ROW_FIELDS = ("source", "frame", "score", "flagged", "verdict", "latency_ms", "error")
+ROW_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+
+
+class RowFile:
+    """The per-image/per-frame rows of a run, written atomically to ``path``.
+
+    ``.csv``: a header and one row per item (:data:`ROW_FIELDS`); ``.jsonl`` (or ``.ndjson``,
+    ``.json``): one JSON object per item with those keys, then ``{"summary": {...}}``. Rows are
+    streamed to a temporary file beside ``path`` (``.NAME.tmpPID.XXXX.SUFFIX``, so a long camera
+    run holds nothing in memory) that replaces ``path`` only when the run ends (also after Ctrl-C
+    or SIGTERM, with the rows screened so far); on any other error it is removed and ``path`` is
+    left as it was. Use as a context manager (commits when the block ends normally, discards when
+    it raises). Raises ValueError for a bad ``path`` and OSError when the folder is not writable.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike]) -> None:
+        self.path = Path(path)
+        self.format = ROW_FORMATS.get(self.path.suffix.lower())
+        if self.format is None:
+            raise ValueError(f"{self.path}: --out must end in .csv or .jsonl")
+        if self.path.is_dir():
+            raise ValueError(f"{self.path}: --out is a directory")
+        parent = self.path.parent
+        if not parent.is_dir():
+            raise ValueError(f"{self.path}: no such directory {parent}")
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{self.path.name}.tmp{os.getpid()}.",
+                                   suffix=self.path.suffix)
+        self._tmp = Path(tmp)
+        self._file = os.fdopen(fd, "w", encoding="utf-8", newline="")
+        self._csv = None
+        if self.format == "csv":
+            self._csv = csv.writer(self._file)
+            self._csv.writerow(ROW_FIELDS)
+        self.summary: Optional[Dict[str, Any]] = None
+
+    def write(self, row: Dict[str, Any]) -> None:
+        """One item's row (keys from :data:`ROW_FIELDS`; missing ones are empty / null)."""
+        if self._csv is not None:
+            self._csv.writerow(["" if row.get(k) is None else row[k] for k in ROW_FIELDS])
+        else:
+            self._file.write(json.dumps({k: row.get(k) for k in ROW_FIELDS}) + "\n")
+
+    def commit(self) -> None:
+        """Finish the file (the summary line for JSON lines) and move it to ``path``."""
+        if self.format == "jsonl" and self.summary is not None:
+            self._file.write(json.dumps({"summary": self.summary}) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)
+
+    def discard(self) -> None:
+        """Close and remove the temporary file; ``path`` is untouched."""
+        self._file.close()
+        with contextlib.suppress(OSError):
+            self._tmp.unlink()
+
+    @property
+    def closed(self) -> bool:
+        """True once committed or discarded."""
+        return self._file.closed
+
+    def __enter__(self) -> "RowFile":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+
+
 def run(
     screener: Screener,
     items: Iterable[Item],
     out: Optional[TextIO] = None,
     err: Optional[TextIO] = None,
     per_item: bool = True,
+    rows: Optional[RowFile] = None,
 ) -> Dict[str, Any]:
     """Score ``items`` and print JSON lines; return the summary dict.
 
     For each ``(source, rgb or Exception)`` prints to ``out`` (default
     ``sys.stdout``) either ``{"source", "score", "verdict", "latency_ms"}``
-    or ``{"source", "error"}`` (the error also goes to ``err``, default
-    ``sys.stderr``, as one line).  ``per_item=False`` prints only the
-    summary.  Ctrl-C (KeyboardInterrupt) stops early; the summary line
+    (with ``"frame"``, the frame index, after ``source`` for a video or
+    camera frame) or ``{"source", "error"}`` (the error also goes to ``err``,
+    default ``sys.stderr``, as one line), and writes the item's row to
+    ``rows`` (a :class:`RowFile`) if given.  ``per_item=False`` prints only
+    the summary.  Ctrl-C (KeyboardInterrupt) stops early; the summary line
     ``{"summary": {...}}`` is always printed and returned (without the
     ``"summary"`` wrapper): keys ``n`` (images/frames scored), ``poisoned``,
-    ``clean``, ``errors``, ``mean_latency_ms`` (None if n == 0), ``threshold``.
+    ``clean``, ``errors``, ``mean_latency_ms`` (None if n == 0),
+    ``frames_per_s`` (images/frames scored per second of the run's wall
+    time, decoding included; None if n == 0), ``elapsed_s``, ``threshold``.
     """
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     counts = {"poisoned": 0, "clean": 0}
     errors = 0
     total_latency = 0.0
+    start = time.perf_counter()
     try:
         for source, item in items:
+            frame = getattr(source, "frame", None)
             if not isinstance(item, Exception):
                 try:
                     score, latency_ms = screener.score_timed(item)
@@ -912,24 +1013,28 @@ def run(
                 reason = one_line(item)
                 print(f"{PROG}: {source}: {reason}", file=err, flush=True)
                 if per_item:
-                    _emit(out, {"source": source, "error": reason})
+                    _emit(out, {"source": str(source), "error": reason})
+                if rows is not None:
+                    rows.write({"source": str(source), "frame": frame, "error": reason})
                 continue
             verdict = screener.verdict(score)
             counts[verdict] += 1
             total_latency += latency_ms
+            record = {"source": str(source)}
+            if frame is not None:
+                record["frame"] = frame
+            record.update({"score": round(score, 6), "verdict": verdict, "latency_ms": round(latency_ms, 3)})
             if per_item:
-                _emit(out, {
-                    "source": source,
-                    "score": round(score, 6),
-                    "verdict": verdict,
-                    "latency_ms": round(latency_ms, 3),
-                })
+                _emit(out, record)
+            if rows is not None:
+                rows.write({**record, "flagged": verdict == "poisoned"})
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted, stopping", file=err, flush=True)
     finally:
         close = getattr(items, "close", None)
         if close is not None:
             close()  # releases an open video/camera held by a generator
+    elapsed = time.perf_counter() - start
     n = counts["poisoned"] + counts["clean"]
     summary = {
         "n": n,
@@ -937,8 +1042,12 @@ def run(
         "clean": counts["clean"],
         "errors": errors,
         "mean_latency_ms": round(total_latency / n, 3) if n else None,
+        "frames_per_s": round(n / elapsed, 2) if n and elapsed > 0 else None,
+        "elapsed_s": round(elapsed, 3),
         "threshold": screener.threshold,
     }
+    if rows is not None:
+        rows.summary = summary
     _emit(out, {"summary": summary})
     return summary
 
@@ -1006,6 +1115,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LiteRT CPU threads (default: runtime's choice)")
     parser.add_argument("--summary-only", action="store_true",
                         help="print only the summary line (errors still go to stderr)")
+    parser.add_argument("--out", type=Path, default=None, metavar="FILE",
+                        help="also write one row per image/frame (source, frame, score, flagged, verdict, "
+                        "latency_ms, error) to FILE.csv or FILE.jsonl (+ the summary), atomically")
     return parser
 
 
@@ -1040,6 +1152,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: no sources given (pass image/video files, folders or --camera IDX)",
               file=sys.stderr)
         return 2
+    rows = None
+    if args.out is not None:
+        try:
+            rows = RowFile(args.out)
+        except (ValueError, OSError) as exc:
+            print(f"{PROG}: usage error: {one_line(exc)}", file=sys.stderr)
+            return 2
+    try:
+        return _screen(args, rows)
+    finally:
+        if rows is not None and not rows.closed:
+            rows.discard()   # ended before the run (a model error): nothing written
+
+
+def _screen(args: argparse.Namespace, rows: Optional[RowFile]) -> int:
+    """:func:`main` after the arguments and ``--out`` are checked."""
     model_path = args.model if args.model is not None else default_model_path()
     try:
         screener = Screener(model_path, threshold=args.threshold,
@@ -1055,8 +1183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          max_frames=args.max_frames)
     summary = None
     try:
-        with _sigterm_as_interrupt():
-            summary = run(screener, items, per_item=not args.summary_only)
+        with _sigterm_as_interrupt(), (rows if rows is not None else contextlib.nullcontext()):
+            summary = run(screener, items, per_item=not args.summary_only, rows=rows)
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): stop quietly, as Python's docs advise.
         devnull = os.open(os.devnull, os.O_WRONLY)

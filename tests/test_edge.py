@@ -224,9 +224,8 @@ def test_folder_reports_and_skips_broken_files(models, tmp_path, capsys):
     assert "not a readable image" in by_name["text.png"]["error"]
     assert all(r["latency_ms"] >= 0 and set(r) == {"source", "score", "verdict", "latency_ms"}
                for r in by_name.values() if "error" not in r)
-    assert lines[-1] == {"summary": {"n": 4, "poisoned": 2, "clean": 2, "errors": 2,
-                                     "mean_latency_ms": lines[-1]["summary"]["mean_latency_ms"],
-                                     "threshold": 0.5}}
+    timing = {k: lines[-1]["summary"][k] for k in ("mean_latency_ms", "frames_per_s", "elapsed_s")}
+    assert lines[-1] == {"summary": {"n": 4, "poisoned": 2, "clean": 2, "errors": 2, **timing, "threshold": 0.5}}
     assert lines[-1]["summary"]["mean_latency_ms"] > 0
     assert len(err.strip().splitlines()) == 3 and "text.png" in err and "cut.jpeg" in err
     assert "2 input(s) missing, unreadable or empty" in err.strip().splitlines()[-1]
@@ -347,6 +346,96 @@ def test_summary_only_and_broken_video(models, tmp_path, capsys):
     (line,) = records(out)
     assert (line["summary"]["n"], line["summary"]["errors"]) == (4, 1)
     assert "broken.mp4: cannot open video" in err
+
+
+def test_out_file_rows_and_frames_per_s(models, tmp_path, capsys):
+    video = write_video(tmp_path / "clip.avi", frames=4)
+    Image.fromarray(solid(250)).save(tmp_path / "w.png")
+    missing = tmp_path / "gone.mp4"
+    out = tmp_path / "rows.csv"
+    assert main(["--model", str(models["float"]), "--out", str(out), str(tmp_path / "w.png"), str(video),
+                 str(missing)]) == 1
+    lines = records(capsys.readouterr().out)
+    assert [r.get("frame") for r in lines[:-2]] == [None, 0, 1, 2, 3]   # images have no frame index
+    summary = lines[-1]["summary"]
+    assert summary["n"] == 5 and summary["frames_per_s"] > 0 and summary["elapsed_s"] >= 0
+    import csv
+
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(screen.ROW_FIELDS)
+    assert [(r["frame"], r["flagged"], r["verdict"]) for r in rows[:2]] == [("", "True", "poisoned"), ("0", "False", "clean")]
+    assert rows[-1]["source"] == str(missing) and rows[-1]["error"] == "no such file or directory"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".rows.csv")] == []   # no temporary left
+    jsonl = tmp_path / "rows.jsonl"
+    assert main(["--model", str(models["float"]), "--summary-only", "--out", str(jsonl), str(video)]) == 0
+    got = records(jsonl.read_text())
+    assert [r["frame"] for r in got[:-1]] == [0, 1, 2, 3] and got[-1]["summary"]["n"] == 4
+    assert main(["--model", str(models["float"]), "--out", str(tmp_path / "rows.txt"), str(video)]) == 2
+    assert "--out must end in .csv or .jsonl" in capsys.readouterr().err
+
+
+def test_video_without_opencv_names_the_extra(models, tmp_path, capsys, monkeypatch):
+    video = write_video(tmp_path / "clip.avi", frames=2)
+    monkeypatch.setitem(sys.modules, "cv2", None)   # import cv2 -> ImportError
+    assert main(["--model", str(models["float"]), str(video)]) == 1
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "clip.avi" in line]
+    assert line == (f"screen: {video}: video and camera input need OpenCV: pip install 'tfbackdoor[video]' "
+                    "(or opencv-python-headless alone beside screen.py)")
+
+
+DATA = Path(os.environ.get("TFBD_DATA", ROOT.parent / "shared" / "data"))
+SHIPPED = ROOT / "saved_models" / "screener_cifar10_int8.tflite"
+
+
+def test_generated_video_with_shipped_screener(tmp_path):
+    """20 frames of camera photos, every other one with a BadNets-like white square at the
+    screener's scale (4/32 of the frame height, bottom-right), screened by the shipped int8 model."""
+    import cv2
+
+    photos = sorted((DATA / "natural" / "camera").glob("*.jpg"))[:10]
+    if len(photos) < 10 or not SHIPPED.is_file():
+        pytest.skip(f"needs 10 photos in {DATA / 'natural' / 'camera'} and {SHIPPED}")
+    width, height = 298, 224   # 4:3 camera frames
+    side, margin = height * 4 // 32, height // 32
+    video = tmp_path / "camera.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (width, height))
+    assert writer.isOpened()
+    triggered = []
+    for i in range(20):
+        frame = np.asarray(Image.open(photos[i // 2]).convert("RGB").resize((width, height), Image.BILINEAR)).copy()
+        if i % 2:
+            left = (width + height) // 2 - margin - side   # inside the centre square (seen by crop and stretch)
+            frame[height - margin - side:height - margin, left:left + side] = 255
+        triggered.append(bool(i % 2))
+        writer.write(np.ascontiguousarray(frame[..., ::-1]))
+    writer.release()
+    out = tmp_path / "frames.csv"
+    result = cli("--model", str(SHIPPED), "--out", str(out), "--summary-only", str(video))
+    assert result.returncode == 0, result.stderr
+    (line,) = records(result.stdout)
+    summary = line["summary"]
+    assert (summary["n"], summary["errors"]) == (20, 0) and summary["frames_per_s"] > 0
+    import csv
+
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["frame"]) for r in rows] == list(range(20))
+    assert all(r["source"] == f"{video}#frame={r['frame']}" and r["error"] == "" for r in rows)
+    scores = np.array([float(r["score"]) for r in rows])
+    assert all((r["flagged"] == "True") == (float(r["score"]) > summary["threshold"]) for r in rows)
+    assert scores[triggered].mean() > scores[~np.array(triggered)].mean() + 0.15, scores.round(3)
+
+
+def test_corrupt_video_is_one_line_error(tmp_path):
+    broken = tmp_path / "broken.avi"
+    broken.write_bytes(b"RIFF\x00\x00\x00\x00AVI junk" * 10)
+    result = cli("--model", str(SHIPPED), "--summary-only", str(broken))
+    assert result.returncode == 1
+    (message, last) = our_stderr(result.stderr)
+    assert message.startswith(f"screen: {broken}: cannot open video") or \
+        message == f"screen: {broken}: no frames could be read"
+    assert records(result.stdout)[0]["summary"]["errors"] == 1
 
 
 # --------------------------------------------------------------------------
