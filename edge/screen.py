@@ -316,9 +316,9 @@ class SpectralPart:
         """``max(p_cnn, t a^k / (t a^k + 1 - t))`` (``CombineScores``): above the detector's
         threshold ``t`` iff ``p_cnn`` is or the ratio ``a`` exceeds 1."""
         t = min(max(self.threshold, 1e-6), 1.0 - 1e-6)
-        ak = np.power(np.maximum(np.asarray(ratio, np.float64), 1e-6), self.sharpness)
-        with np.errstate(divide="ignore", over="ignore"):
-            p_spec = 1.0 / (1.0 + (1.0 - t) / (t * ak))   # = t ak / (t ak + 1 - t), no inf/inf
+        logit = np.log(t / (1.0 - t)) + self.sharpness * np.log(np.maximum(np.asarray(ratio, np.float64), 1e-6))
+        with np.errstate(over="ignore"):
+            p_spec = 1.0 / (1.0 + np.exp(-logit))   # = t a^k / (t a^k + 1 - t), no overflow
         return np.maximum(p_cnn, p_spec)
 
 
