@@ -562,9 +562,10 @@ def export_cmd(detector_path, out, quantize, calibration, calibration_size, fold
 def screen_cmd(model, threshold, every, sources):
     """Screen images, folders, videos or a camera with a .tflite screener (runs edge/screen.py).
 
-    One JSON line per image/frame, then a summary. Other edge/screen.py options pass through
-    (--camera IDX, --max-frames N, --resize crop|stretch, --threads N, --summary-only); see
-    edge/README.md. Exit 0 when every input was screened, 1 when the run finished but an input was missing,
+    One JSON line per image/frame, then a summary (with frames/s). Other edge/screen.py options pass
+    through (--camera IDX, --max-frames N, --resize crop|stretch, --threads N, --summary-only,
+    --out FILE.csv|FILE.jsonl for per-frame rows written atomically); see edge/README.md. Videos and
+    cameras need the [video] extra (OpenCV). Exit 0 when every input was screened, 1 when the run finished but an input was missing,
     unreadable or too large or a folder had no images, 2 on a usage or model error.
     """
     from edge.screen import main as edge_main
