@@ -1,4 +1,8 @@
-"""The ``tfbd`` command: a thin click layer over :mod:`tfbackdoor` (parse, call, print)."""
+"""The ``tfbd`` command: a thin click layer over :mod:`tfbackdoor` (parse, call, print).
+
+Long (~880 lines) by design: every command in one place, each a parse-call-print whose click
+options are its manual; the shared checks, option helpers and error handling are at the top.
+"""
 
 from __future__ import annotations
 

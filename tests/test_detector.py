@@ -9,7 +9,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from cli.main import main
-from tfbackdoor import detector, models, perturb
+from tfbackdoor import detector, models, perturb, provenance
 from tfbackdoor.errors import TfbdError
 
 
@@ -438,7 +438,7 @@ def test_saved_info_is_portable_and_keeps_the_same_exclusions(tmp_path):
     assert saved["exclude"] == {"cifar10:train": ["dog/0001.jpg"], "cifar10:lossless": ["cifar10:lossless#5"]}
     # a model that recorded absolute ids and one that recorded relative ids leave out the same image
     legacy = detector.build(info={"exclude": {"cifar10:train": [f"{root}/cifar10/train/dog/0001.jpg"]}})
-    assert detector._exclusions(legacy, "cifar10:train") == detector._exclusions(model, "cifar10:train") == {"dog/0001.jpg"}
+    assert detector.excluded_ids(legacy, "cifar10:train") == detector.excluded_ids(model, "cifar10:train") == {"dog/0001.jpg"}
     assert detector.relative_id("cifar10:train", f"{root}/cifar10/train/dog/0001.jpg") == "dog/0001.jpg"
 
 
@@ -467,7 +467,7 @@ def test_bulky_exclusions_go_to_a_manifest_beside_the_model(tmp_path, rng):
     assert ref["file"] == man.name and ref["counts"] == {"cifar10:lossless": 1500, "gtsrb:test": 1}
     assert ref["sha256"] == hashlib.sha256(man.read_bytes()).hexdigest()
     assert detector.exclusions(m) == {"cifar10:lossless": ids, "gtsrb:test": ["00001.png"]}
-    assert detector._exclusions(m, "cifar10:lossless") == set(ids)
+    assert detector.excluded_ids(m, "cifar10:lossless") == set(ids)
     assert json.loads(man.read_bytes())["sections"]["init.info.exclude"] == {"x": nested}
 
     # fine-tuning a manifest model (in place) merges its new ids in and writes a manifest beside the new file
@@ -512,9 +512,9 @@ def test_inline_exclusions_of_older_models_still_work(tmp_path, monkeypatch):
     out = tmp_path / "d.keras"
     detector.save(detector.build(info={"exclude": {"cifar10:lossless": ids}}), out)
     assert detector.manifest_path(out).is_file()
-    monkeypatch.setattr(detector, "MANIFEST_MIN_IDS", 10**9)       # saved as before manifests: inline
+    monkeypatch.setattr(provenance, "MANIFEST_MIN_IDS", 10**9)       # saved as before manifests: inline
     detector.save(detector.build(info={"exclude": {"cifar10:lossless": ids}}), out)
     assert not detector.manifest_path(out).exists()                 # the earlier, now stale, manifest went
     m = detector.load(out)
     assert detector.spec_of(m).info["exclude"]["cifar10:lossless"] == ids
-    assert detector._exclusions(m, "cifar10:lossless") == set(ids)
+    assert detector.excluded_ids(m, "cifar10:lossless") == set(ids)

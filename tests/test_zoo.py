@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from scipy.fft import dctn
 
-from tfbackdoor import detector, triggers
+from tfbackdoor import detector, scoring, triggers
 from tfbackdoor.errors import TfbdError
 from tfbackdoor.triggers import zoo
 
@@ -323,8 +323,8 @@ def test_evaluation_compares_jpeg_rows_with_jpeg_clean_images(monkeypatch, rng):
         seen.append(images)
         return np.abs(np.diff(images.astype(np.float64), axis=2)).mean(axis=(1, 2, 3)) / 255.0
 
-    monkeypatch.setattr(detector, "score", fake_score)
-    monkeypatch.setattr(detector, "spec_of", lambda m: type("S", (), {"threshold": 0.5})())
+    monkeypatch.setattr(scoring, "score", fake_score)
+    monkeypatch.setattr(scoring, "spec_of", lambda m: type("S", (), {"threshold": 0.5})())
     thr = float(np.median(fake_score(None, zoo.JpegRoundTrip(90)(x).numpy())))
     attacks = [triggers.get("clean+jpeg90"), triggers.get("badnets+jpeg90"), triggers.get("badnets")]
     seen.clear()

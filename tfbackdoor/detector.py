@@ -1,5 +1,5 @@
-"""The frequency-domain backdoor-data detector: data pipeline, training, fine-tuning, scoring,
-evaluation and scanning (paper Section 4).
+"""The frequency-domain backdoor-data detector: data pipeline, training, fine-tuning, calibration,
+loading and saving (paper Section 4).
 
 Training data (``training_dataset``): every epoch each clean image appears once as "clean" and
 once with ONE random manipulation (:class:`tfbackdoor.perturb.RandomManipulation`) as "poisoned";
@@ -7,19 +7,20 @@ before the split every image goes through random benign processing
 (:class:`tfbackdoor.perturb.BenignProcessing`: JPEG re-encoding, brightness/contrast, blur,
 resizing), so both sides carry the same codec artifacts and only the manipulation separates
 them. Inputs then go through :func:`tfbackdoor.frequency.dct2d` inside the pipeline.
+
+Scoring, evaluation and scanning live in :mod:`tfbackdoor.scoring`, what a detector records about
+its data (portable info, exclusion lists and their manifest) in :mod:`tfbackdoor.provenance`, the
+paper's reference detector in :mod:`tfbackdoor.reference`; their public names are re-exported
+here (``detector.score``, ``detector.scan``, ``detector.exclusions``...), as is
+:func:`tfbackdoor.models.spec_of`.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 import os
-import re
 import shutil
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import keras
@@ -27,22 +28,22 @@ import numpy as np
 import tensorflow as tf
 
 from . import data as data_mod
-from . import classifier, metrics, models, perturb, spectral, specs, triggers
-from .errors import TfbdError
+from . import classifier, models, perturb, spectral, specs
 from .atomic import atomic_path, atomic_paths
-from .frequency import dct2d
+from .errors import TfbdError
+from .models import spec_of
+from .provenance import _set_exclusions, _split_manifest, exclusions, manifest_path, portable_info, relative_id
+# re-exported: the public API of detector.<name> used by the CLI, tests and benchmarks
+from .provenance import MANIFEST_FORMAT, MANIFEST_MIN_IDS, excluded_ids  # noqa: F401
+from .reference import load_reference  # noqa: F401
+from .scoring import (_score_fn, evaluate_dataset, evaluate_images, evaluate_sets, load_eval_images,  # noqa: F401
+                      scan, score, to_inputs)
 
 # saved_models/ of the source tree, or the copy installed in the package by `pip install .` (issue 15 item 13).
 DEFAULT_DETECTOR = specs.shipped_model("detector_cifar10.keras")
 
 
-# ----------------------------------------------------------------------------------- inputs
-
-def to_inputs(images, domain="dct"):
-    """uint8 ``(N, H, W, 3)`` images -> float model inputs (DCT of 0..255 values, or 0..255 pixels)."""
-    x = tf.cast(images, tf.float32)
-    return dct2d(x) if domain == "dct" else x
-
+# ----------------------------------------------------------------------------------- training data
 
 def training_dataset(x, batch_size=64, seed=0, domain="dct", benign=None, manipulation=None,
                      repeat=1, extra_poison=None, extra_share=0.5):
@@ -106,13 +107,6 @@ def build(arch="cnn6", image_size=32, domain="dct", threshold=0.5, info=None) ->
     return keras.Model(core.input, out, name=f"tfbd_{arch}_{domain}")
 
 
-def spec_of(model) -> models.DetectorSpec:
-    for layer in model.layers:
-        if isinstance(layer, models.DetectorSpec):
-            return layer
-    raise TfbdError(f"model '{model.name}' is not a tfbackdoor detector (no DetectorSpec layer)")
-
-
 def load(path=None) -> keras.Model:
     """Load a detector ``.keras`` file in Keras safe mode (default: the shipped CIFAR-10 detector)."""
     path = Path(path) if path else DEFAULT_DETECTOR
@@ -126,148 +120,6 @@ def load(path=None) -> keras.Model:
         raise TfbdError(f"{path}: not a tfbackdoor detector (no DetectorSpec layer; train one with tfbd train-detector)") from None
     model.__dict__["_tfbd_path"] = str(path)   # where its exclusion manifest is (plain attribute, not saved)
     return model
-
-
-def _source_folder(part):
-    """The folder a ``dir:``-type dataset part reads (its file ids start with it), else ``None``."""
-    kind, rel = (specs.SHORT_NAMES.get(part) or (None, None))[:2]
-    if kind == "dir":
-        return str(specs.data_root() / rel)
-    if part.startswith("dir:"):
-        return part[4:]
-    return None
-
-
-def relative_id(part, ident):
-    """A sample id of dataset ``part`` relative to its data source: a file under the part's folder
-    becomes its path inside it (``automobile/3808.jpg``); other ids (``cifar10:lossless#5``) stay.
-    Recorded exclusions and loaded ids are compared in this form, so a model trained on one machine
-    leaves out the same images on another (and models that recorded absolute paths still work)."""
-    folder = _source_folder(part)
-    if folder:
-        folder = folder.rstrip("/") + "/"
-        if ident.startswith(folder):
-            return ident[len(folder):]
-    return ident
-
-
-_ABS_PATH = re.compile(r"(?<![\w$/.])/(?:[^\s/\"',]+/)+([^\s/\"',]+)")
-
-
-def portable_info(info):
-    """``info`` without this machine's absolute paths, for saving inside a model.
-
-    Exclusion ids become :func:`relative_id`; in every other string a path under the data root
-    becomes ``$TFBD_DATA/...``, one under the repository becomes relative to it, and any other
-    absolute path is reduced to its file name (e.g. a training command's ``--out /tmp/x/det.keras``).
-    """
-    roots = [(str(specs.data_root().resolve()).rstrip("/") + "/", "$TFBD_DATA/"),
-             (str(specs.data_root()).rstrip("/") + "/", "$TFBD_DATA/"),
-             (str(Path(__file__).resolve().parent.parent) + "/", "")]
-
-    def text(v):
-        for root, new in roots:
-            v = v.replace(root, new)
-        return _ABS_PATH.sub(lambda m: m.group(1), v)
-
-    def walk(v, key=None):
-        if key == "exclude" and isinstance(v, dict):
-            return {part: list(dict.fromkeys(relative_id(part, i) for i in ids)) for part, ids in v.items()}
-        if isinstance(v, dict):
-            return {k: walk(x, k) for k, x in v.items()}
-        if isinstance(v, list):
-            return [walk(x) for x in v]
-        return text(v) if isinstance(v, str) else v
-
-    return walk(dict(info or {}))
-
-
-# Exclusion lists (the ids a detector was fine-tuned or calibrated on; 47,000 for the shipped one)
-# of at least this many ids go to a manifest beside the model, not into its config (issue 15 item 16).
-MANIFEST_MIN_IDS = 1000
-MANIFEST_FORMAT = "tfbd-exclusions/1"
-
-
-def manifest_path(path) -> Path:
-    """The exclusion manifest beside detector ``path``: ``NAME.keras`` -> ``NAME.keras.manifest.json``."""
-    path = Path(path)
-    return path.with_name(path.name + ".manifest.json")
-
-
-def _split_manifest(info, model_name):
-    """``(info, manifest bytes or None)``: each bulky ``exclude`` dict of ``info`` (the top level's, or
-    a nested one such as ``init.info``'s) moves to the manifest's ``sections`` under its dotted place
-    and is replaced by ``exclude_manifest = {file, sha256, section, counts}``; small ones stay inline.
-    A nested ``exclude_manifest`` already there (an ``--init`` model's) is a record of that model's own
-    manifest, beside the recorded ``init.path``, and is kept as it is."""
-    sections, refs = {}, []
-
-    def walk(d, place):
-        out = {}
-        for k, v in d.items():
-            here = f"{place}.{k}" if place else k
-            if (k == "exclude" and isinstance(v, dict) and all(isinstance(ids, list) for ids in v.values())
-                    and sum(len(ids) for ids in v.values()) >= MANIFEST_MIN_IDS):
-                sections[here] = v
-                refs.append({"file": manifest_path(model_name).name, "sha256": None, "section": here,
-                             "counts": {part: len(ids) for part, ids in v.items()}})
-                out["exclude_manifest"] = refs[-1]
-            else:
-                out[k] = walk(v, here) if isinstance(v, dict) else v
-        return out
-
-    info = walk(info, "")
-    if not sections:
-        return info, None
-    blob = (json.dumps({"format": MANIFEST_FORMAT, "model": Path(model_name).name, "sections": sections},
-                       separators=(",", ":")) + "\n").encode()
-    digest = hashlib.sha256(blob).hexdigest()
-    for ref in refs:
-        ref["sha256"] = digest
-    return info, blob
-
-
-def _read_manifest(model, ref) -> dict:
-    """The ``exclude`` dict that ``ref`` (an ``exclude_manifest``) points to, checked against its sha256."""
-    src = model.__dict__.get("_tfbd_path")
-    if src is None:
-        raise TfbdError(f"{model.name}: its exclusion list is in {ref.get('file')}, beside its .keras file, "
-                        "which is not known here (load the model with detector.load)")
-    path = Path(src).parent / str(ref.get("file"))
-    if not path.is_file() and manifest_path(src).is_file():
-        path = manifest_path(src)   # the model and its manifest renamed together
-    n = sum((ref.get("counts") or {}).values())
-    if not path.is_file():
-        raise TfbdError(f"{path}: exclusion manifest not found: {Path(src).name} keeps the ids of its {n} "
-                        "fine-tuning/calibration images there, so evaluations can leave them out; copy it "
-                        "beside the model")
-    blob = path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != ref.get("sha256"):
-        raise TfbdError(f"{path}: sha256 does not match the one recorded in {Path(src).name} "
-                        "(the manifest was changed or belongs to another model)")
-    try:
-        section = json.loads(blob)["sections"][ref["section"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise TfbdError(f"{path}: not a valid exclusion manifest ({type(e).__name__}: {e})") from None
-    return section
-
-
-def exclusions(model) -> dict:
-    """``{dataset part: [ids]}`` the detector was fine-tuned or calibrated on (left out of evaluations):
-    inline in its info (small lists, and models saved before manifests) or read from its manifest
-    (:func:`manifest_path`; a missing or changed one is a one-line :class:`TfbdError` naming it)."""
-    info = spec_of(model).info
-    if "exclude" in info or "exclude_manifest" not in info:
-        return dict(info.get("exclude", {}))
-    ref = info["exclude_manifest"]
-    cache = model.__dict__.setdefault("_tfbd_exclusions", {})   # plain attribute, as _tfbd_score_fns
-    if ref.get("sha256") not in cache:
-        cache[ref.get("sha256")] = _read_manifest(model, ref)
-    return dict(cache[ref.get("sha256")])
-
-
-def _set_exclusions(spec, excl):
-    spec.info = {**{k: v for k, v in spec.info.items() if k != "exclude_manifest"}, "exclude": excl}
 
 
 def save(model, path):
@@ -556,247 +408,6 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
     spec.info = {**spec.info, "finetune": spec.info.get("finetune", []) + [record]}
     save(model, out)
     return model
-
-
-# ------------------------------------------------------------------------------- scoring
-
-def _score_fn(model, dtype=tf.uint8):
-    """``images (B, S, S, 3) -> P(poisoned) (B,)`` as one graph (input transform + model), cached on the model.
-
-    One ``tf.function`` per model and input dtype, traced once for any batch size: a graph call
-    runs at ``model.predict`` speed, while an eager Keras call (or a ``tf.data`` map feeding it)
-    pays Python dispatch per layer and misses Grappler's fused kernels (issue 12: 0.37-0.75x).
-    The model's variables are read at each call, so later weight changes (fine-tuning) apply.
-    """
-    cache = model.__dict__.setdefault("_tfbd_score_fns", {})   # plain attribute: not tracked or saved by Keras
-    key = tf.as_dtype(dtype).name
-    if key not in cache:
-        spec = spec_of(model)
-        domain, size = spec.domain, spec.image_size
-
-        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], dtype)])
-        def fn(images):
-            return model(to_inputs(images, domain), training=False)[:, 1]
-
-        cache[key] = fn
-    return cache[key]
-
-
-def score(model, images, batch_size=256) -> np.ndarray:
-    """P(poisoned) for uint8 images ``(N, H, W, 3)`` (numpy or tensor) -> float ``(N,)``."""
-    spec = spec_of(model)
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[1:] != (spec.image_size, spec.image_size, 3):
-        raise TfbdError(f"detector expects images of shape (N, {spec.image_size}, {spec.image_size}, 3), got {images.shape}")
-    fn = _score_fn(model, images.dtype)
-    out = [fn(images[i:i + batch_size]).numpy() for i in range(0, len(images), batch_size)]
-    return np.concatenate(out) if out else np.zeros((0,), np.float32)
-
-
-def _exclusions(model, spec_str):
-    return {relative_id(spec_str, i) for i in exclusions(model).get(spec_str, [])}
-
-
-def load_eval_images(model, dataset, limit=None, seed=0, also=()):
-    """``limit`` seeded images of ``dataset`` at the detector's size that it was not fine-tuned or
-    calibrated on (numpy; fewer only when the dataset has fewer left). ``also``: more detectors
-    whose fine-tune samples are left out too, so several models are compared on the same images."""
-    spec = spec_of(model)
-    excluded = set(_exclusions(model, dataset)).union(*[_exclusions(m, dataset) for m in also])
-    # The seeded subset is prefix-stable, so asking for len(excluded) more and dropping the
-    # excluded ones keeps the same images a model without exclusions is evaluated on, plus more.
-    more = None if limit is None else limit + len(excluded)
-    ds = data_mod.load(dataset, image_size=spec.image_size, with_ids=True, limit=more, seed=seed)
-    x, _, ids = data_mod.materialize(ds, dataset)
-    if excluded:
-        keep = np.asarray([relative_id(dataset, i) not in excluded for i in ids])
-        x = x[keep]
-    return x if limit is None else x[:limit]
-
-
-def evaluate_images(model, x, attacks, threshold=None, benign_variants=(), at_fpr=None) -> list:
-    """One report per attack (see :func:`tfbackdoor.metrics.detection_report`) on clean ``x``.
-
-    ``benign_variants`` (names from :data:`tfbackdoor.perturb.BENIGN_VARIANTS`) add rows whose
-    "poisoned" side is benign processing: their ``fpr`` is the clean flag rate and their ``bdr``
-    the flag rate of the processed images (a false-positive rate too, lower is better).
-
-    A trigger with a ``clean_transform`` (uint8 batch -> uint8 batch, e.g. the JPEG round trip of
-    :class:`tfbackdoor.triggers.zoo.JpegTrigger`) is compared against ``clean_transform(x)``: that row's
-    ``fpr`` and ``auroc`` use the clean images processed the same way (scored once per distinct
-    transform). For ``clean+jpegQ`` both sides are the round trip, so its ``bdr`` = ``fpr`` is
-    the flag rate of JPEG-saved clean images.
-
-    ``at_fpr`` (a percentage, e.g. 1.0) adds ``bdr_at_fpr`` to each attack row: the BDR at the
-    threshold that flags that share of the row's clean images, to compare detectors at equal FPR.
-    """
-    spec = spec_of(model)
-    thr = spec.threshold if threshold is None else threshold
-    clean = score(model, x)
-    rows = [{"attack": "clean", "acc": round(100 - metrics.flag_rate(clean, thr), 2), "bdr": None,
-             "fpr": round(metrics.flag_rate(clean, thr), 2), "auroc": None, "n": int(len(x))}]
-    clean_by_transform = {}
-    for t in attacks:
-        trig = np.concatenate([t(x[i:i + 1024]).numpy() for i in range(0, len(x), 1024)])
-        ct = getattr(t, "clean_transform", None)
-        if ct is not None and ct not in clean_by_transform:
-            proc = np.concatenate([np.asarray(ct(x[i:i + 1024])) for i in range(0, len(x), 1024)])
-            clean_by_transform[ct] = score(model, proc)
-        rows.append(metrics.detection_report(t.name, clean if ct is None else clean_by_transform[ct],
-                                             score(model, trig), thr, at_fpr))
-    for name in benign_variants:
-        fn = perturb.BENIGN_VARIANTS.get(name)
-        if fn is None:
-            raise TfbdError(f"unknown benign variant '{name}' (known: {', '.join(perturb.BENIGN_VARIANTS)})")
-        proc = np.concatenate([fn(x[i:i + 1024]).numpy() for i in range(0, len(x), 1024)])
-        s = score(model, proc)
-        rows.append({"attack": f"benign:{name}", "acc": None, "bdr": None, "fpr": round(metrics.flag_rate(s, thr), 2),
-                     "auroc": None, "n": int(len(x))})
-    return rows
-
-
-def evaluate_dataset(model, dataset, attacks="all", limit=None, seed=0, threshold=None, trigger_dir=None,
-                     benign_variants=(), at_fpr=None) -> list:
-    spec = spec_of(model)
-    x = load_eval_images(model, dataset, limit, seed)
-    trigs = triggers.expand(attacks, spec.image_size, trigger_dir) if isinstance(attacks, str) else attacks
-    return evaluate_images(model, x, trigs, threshold, benign_variants, at_fpr)
-
-
-def evaluate_sets(model, clean_spec, poisoned_spec, threshold=None) -> list:
-    spec = spec_of(model)
-    thr = spec.threshold if threshold is None else threshold
-    c, _ = data_mod.load_arrays(clean_spec, image_size=spec.image_size)
-    p, _ = data_mod.load_arrays(poisoned_spec, image_size=spec.image_size)
-    return [metrics.detection_report(poisoned_spec, score(model, c), score(model, p), thr)]
-
-
-# ------------------------------------------------------------------------------- scanning
-
-class _NpzStreamWriter:
-    """Write arrays ``x`` (uint8 images) and ``y`` to a ``.npz`` without holding them in memory.
-
-    Images are appended to temporary raw files; ``close`` writes the zip entries with proper
-    ``.npy`` headers and renames the result into place (atomic).
-    """
-
-    def __init__(self, path, image_shape):
-        self.path = Path(path)
-        self.shape = tuple(image_shape)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._x = tempfile.TemporaryFile()
-        self._y = []
-        self.n = 0
-
-    def add(self, images, labels):
-        self._x.write(np.ascontiguousarray(images, np.uint8).tobytes())
-        self._y.extend(int(v) for v in labels)
-        self.n += len(images)
-
-    def close(self):
-        with atomic_path(self.path, ".npz") as tmp:
-            self.write_to(tmp)
-
-    def write_to(self, tmp):
-        """Write the ``.npz`` to ``tmp`` (the caller renames it into place) and free the buffer."""
-        try:
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                with zf.open("x.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array_header_2_0(f, {"descr": "|u1", "fortran_order": False,
-                                                             "shape": (self.n,) + self.shape})
-                    self._x.seek(0)
-                    while chunk := self._x.read(1 << 22):
-                        f.write(chunk)
-                with zf.open("y.npy", "w") as f:
-                    np.lib.format.write_array(f, np.asarray(self._y, np.int64))
-        finally:
-            self._x.close()
-
-
-def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=256, limit=None, seed=0,
-         progress=None) -> dict:
-    """Score every sample of ``dataset`` (streamed), write a CSV report and optionally the sanitised set.
-
-    CSV columns: ``id, label, score, flagged``. Unreadable items are listed in the summary's
-    ``skipped`` and as CSV rows with an empty score. Returns a summary dict.
-    """
-    spec = spec_of(model)
-    thr = spec.threshold if threshold is None else threshold
-    if write_clean is not None and not str(write_clean).startswith("npz:"):
-        raise TfbdError(f"--write-clean must be npz:PATH (got '{write_clean}')")
-    ds = data_mod.load(dataset, image_size=spec.image_size, with_ids=True, limit=limit, seed=seed)
-    score_fn = _score_fn(model)
-    writer_npz = _NpzStreamWriter(str(write_clean)[4:], (spec.image_size, spec.image_size, 3)) if write_clean else None
-    n = flagged = 0
-    seen, skipped = [], []
-    # The report and the sanitised set are committed together (issue 15 item 4): both are written to
-    # temporary files and renamed at the end, so an interrupt never pairs a new report with an old set.
-    targets = [(out_csv, ".csv")] + ([(writer_npz.path, ".npz")] if writer_npz is not None else [])
-    with atomic_paths(*targets) as tmps, open(tmps[0], "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "label", "score", "flagged"])
-        for bx, by, bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
-            s = score_fn(bx).numpy()
-            flags = metrics.flagged(s, thr)
-            ids = [i.decode() for i in bi]
-            seen.extend(ids)
-            for i, lab, sc, fl in zip(ids, by, s, flags):
-                w.writerow([i, int(lab), f"{sc:.6f}", int(fl)])
-            if writer_npz is not None:
-                writer_npz.add(bx[~flags], by[~flags])
-            n += len(bx)
-            flagged += int(flags.sum())
-            if progress:
-                progress(len(bx))
-        data_mod.report_missing(dataset, seen, limit, seed, None, skipped)
-        for item, _reason in skipped:
-            w.writerow([item, "", "", ""])
-        f.flush()
-        if writer_npz is not None:
-            writer_npz.write_to(tmps[1])
-    return {"dataset": dataset, "n": n, "flagged": flagged, "flagged_pct": round(100.0 * flagged / max(n, 1), 2),
-            "threshold": thr, "skipped": [s[0] for s in skipped], "report": str(out_csv),
-            "clean_written": int(n - flagged) if write_clean else None}
-
-
-# ----------------------------------------------------------------------- the paper's detector
-
-def load_reference(path) -> keras.Model:
-    """The paper authors' Keras 2.2.4 HDF5 detector as a tfbackdoor detector (for comparison).
-
-    Builds our cnn6 without input normalization (their model takes raw DCT of 0..255 pixels) and
-    copies the weights layer by layer in order.
-    """
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise TfbdError(f"reference detector not found: {path}")
-    core = models.cnn6(32, normalize=False)
-    try:
-        with h5py.File(path, "r") as h:
-            g = h["model_weights"]
-
-            def order(prefix):
-                names = [k for k in g.keys() if k.startswith(prefix) or (prefix == "conv2d_" and k == "last_conv")]
-                return sorted(names, key=lambda k: (k == "last_conv", int(k.split("_")[-1]) if k != "last_conv" else 0))
-
-            def weights(name, keys):
-                grp = g[name]
-                sub = grp[list(grp.keys())[0]]
-                return [np.asarray(sub[k + ":0"]) for k in keys]
-
-            convs = [layer for layer in core.layers if isinstance(layer, keras.layers.Conv2D)]
-            bns = [layer for layer in core.layers if isinstance(layer, keras.layers.BatchNormalization)]
-            for layer, name in zip(convs, order("conv2d_")):
-                layer.set_weights(weights(name, ["kernel", "bias"]))
-            for layer, name in zip(bns, order("batch_normalization_")):
-                layer.set_weights(weights(name, ["gamma", "beta", "moving_mean", "moving_variance"]))
-            core.get_layer("probs").set_weights(weights("dense", ["kernel", "bias"]))
-    except Exception as e:
-        raise TfbdError(f"{path}: cannot read the reference weights ({type(e).__name__}: {e})") from None
-    out = models.DetectorSpec("dct", "cnn6", 32, 0.5, {"source": str(path)}, name="detector_spec")(core.output)
-    return keras.Model(core.input, out, name="paper_cnn6")
 
 
 # ----------------------------------------------------------------------- the spectral part

@@ -18,6 +18,8 @@ from __future__ import annotations
 import keras
 from keras import layers, ops, regularizers
 
+from .errors import TfbdError
+
 
 @keras.saving.register_keras_serializable(package="tfbackdoor")
 class DetectorSpec(layers.Layer):
@@ -132,3 +134,11 @@ def large(image_size=224, l2=1e-4, name="large"):
 
 
 ARCHS = {"cnn6": cnn6, "large": large}
+
+
+def spec_of(model) -> DetectorSpec:
+    """The :class:`DetectorSpec` layer of a detector model (what it expects, its threshold and info)."""
+    for layer in model.layers:
+        if isinstance(layer, DetectorSpec):
+            return layer
+    raise TfbdError(f"model '{model.name}' is not a tfbackdoor detector (no DetectorSpec layer)")

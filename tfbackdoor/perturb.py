@@ -1,5 +1,8 @@
 """Random digital manipulations (detector training) and benign processing (codec-aware clean side).
 
+Long (~650 lines) by design: the two layers share the stateless-seed helpers and the draw/apply
+pattern, and most of the length is the ten manipulations, each a short method of one class.
+
 Both are registered Keras layers in the manner of Keras's own preprocessing layers
 (``keras.layers.RandomContrast``): each separates the random draw (``get_random_transformation``)
 from its application (``transform_images``), takes a seed, and round-trips through ``get_config``

@@ -1,5 +1,8 @@
 """Evaluation attack zoo: other people's backdoor triggers, implemented from their papers.
 
+Long (~590 lines) by design: a catalogue of eleven independent attacks, each a short class or
+function that the table below describes row by row.
+
 Every attack here is a :class:`tfbackdoor.triggers.Trigger`: ``apply(x)`` works on float images
 ``(N, H, W, 3)`` in [0, 1] with TensorFlow ops (no per-image Python loops), and
 ``trigger(uint8 images) -> uint8 images`` (rounded and clipped by the base class). Random parts
