@@ -727,6 +727,10 @@ def iter_image_files(folder: Union[str, os.PathLike]) -> Iterator[str]:
 
 def _require_cv2() -> Any:
     """Import OpenCV lazily; raise UnreadableInput naming the extra to install if absent."""
+    # OpenCV's and FFmpeg's own messages ("can't open camera by index", "moov atom not found") would
+    # add lines to our one-line errors; set these before the first import to see them again.
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     try:
         import cv2
     except ImportError:
@@ -737,6 +741,27 @@ def _require_cv2() -> Any:
     return cv2
 
 
+@contextlib.contextmanager
+def _quiet_stderr_fd() -> Iterator[None]:
+    """Point file descriptor 2 at the null device for the block (native libraries' prints)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+        finally:
+            os.close(devnull)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def open_capture(target: Union[str, int], is_camera: bool = False) -> Any:
     """Open a ``cv2.VideoCapture`` for a video file, camera index, device or URL.
 
@@ -744,10 +769,11 @@ def open_capture(target: Union[str, int], is_camera: bool = False) -> Any:
     Jetson CSI camera).  Raises :class:`UnreadableInput` if it won't open.
     """
     cv2 = _require_cv2()
-    if isinstance(target, str) and "!" in target:
-        capture = cv2.VideoCapture(target, cv2.CAP_GSTREAMER)
-    else:
-        capture = cv2.VideoCapture(target)
+    with _quiet_stderr_fd():   # OpenCV's AVI parser prints to stderr directly on a corrupt file
+        if isinstance(target, str) and "!" in target:
+            capture = cv2.VideoCapture(target, cv2.CAP_GSTREAMER)
+        else:
+            capture = cv2.VideoCapture(target)
     if not capture.isOpened():
         capture.release()
         if is_camera:

@@ -427,14 +427,16 @@ def test_generated_video_with_shipped_screener(tmp_path):
     assert scores[triggered].mean() > scores[~np.array(triggered)].mean() + 0.15, scores.round(3)
 
 
-def test_corrupt_video_is_one_line_error(tmp_path):
-    broken = tmp_path / "broken.avi"
-    broken.write_bytes(b"RIFF\x00\x00\x00\x00AVI junk" * 10)
+@pytest.mark.parametrize("name, content", [("broken.avi", b"RIFF\x00\x00\x00\x00AVI junk" * 10),
+                                           ("broken.mp4", bytes(range(256)) * 12)])
+def test_corrupt_video_is_one_line_error(tmp_path, name, content):
+    broken = tmp_path / name
+    broken.write_bytes(content)
     result = cli("--model", str(SHIPPED), "--summary-only", str(broken))
     assert result.returncode == 1
-    (message, last) = our_stderr(result.stderr)
-    assert message.startswith(f"screen: {broken}: cannot open video") or \
-        message == f"screen: {broken}: no frames could be read"
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("INFO:")]
+    assert lines[0] == f"screen: {broken}: cannot open video (unsupported codec or corrupt file)", lines
+    assert len(lines) == 2 and "1 input(s) missing, unreadable or empty" in lines[1]   # nothing from OpenCV/FFmpeg
     assert records(result.stdout)[0]["summary"]["errors"] == 1
 
 
