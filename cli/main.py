@@ -190,12 +190,12 @@ def spectrum(dataset, attacks, trigger_file, mask, alpha, trigger_dir, limit, im
     _check([dataset], attacks, files=[(trigger_file, "trigger file"), (mask, "trigger file")], limits=[(limit, "--limit")],
            outs=[(out, "--out"), (json_out, "--json")])
     _quiet_tf()
-    from tfbackdoor import analysis, atomic, data
+    from tfbackdoor import analysis, atomic, data, plots
 
     x, _ = data.load_arrays(dataset, image_size=image_size, limit=limit, seed=seed)
     trigs = _resolve_attacks(attacks, trigger_file, mask, alpha, trigger_dir, x.shape[1])
     stats = analysis.spectrum_stats(x, trigs)
-    analysis.plot_spectra(stats, out, title=f"{dataset} (n={len(x)})")
+    plots.plot_spectra(stats, out, title=f"{dataset} (n={len(x)})")
     rows = [{"set": k, "hf_ratio": round(v["hf_ratio"], 5), "hf_ratio_mean": round(v["hf_ratio_mean"], 5), "n": v["n"]}
             for k, v in stats.items()]
     if json_out:
@@ -591,9 +591,9 @@ def demo(out):
     """Show the frequency artifacts of the built-in triggers on built-in sample images (no download)."""
     _check(outs=[(out, "--out")])
     _quiet_tf()
-    from tfbackdoor import analysis
+    from cli.demo import demo as run_demo
 
-    analysis.demo(out, echo=click.echo)
+    run_demo(out, echo=click.echo)
 
 
 @main.command()

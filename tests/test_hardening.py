@@ -329,13 +329,14 @@ def test_demo_explains_the_hf_ratio_and_says_when_the_screener_misses(tmp_path):
 
 
 def test_demo_figure_shows_the_screened_images_with_their_verdicts_beside_the_spectra(tmp_path, monkeypatch):
-    from tfbackdoor import analysis
+    from cli import demo
+    from tfbackdoor import plots
 
     figures = []
-    save = analysis.save_figure
-    monkeypatch.setattr(analysis, "save_figure", lambda fig, out: (figures.append(fig), save(fig, out)))
+    save = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, out: (figures.append(fig), save(fig, out)))
     lines = []
-    result = analysis.demo(tmp_path / "d.png", echo=lines.append)
+    result = demo.demo(tmp_path / "d.png", echo=lines.append)
     (fig,) = figures
     assert fig.get_layout_engine() is not None                      # constrained: no overlapping labels
     axes = [ax for ax in fig.axes if ax.get_images()]
