@@ -7,6 +7,11 @@ numpy, Pillow and ``ai-edge-litert`` (or the older ``tflite-runtime``);
 OpenCV (``opencv-python-headless``: ``pip install 'tfbackdoor[video]'``) is
 needed only for video and camera input.  TensorFlow is never imported, and nothing from ``tfbackdoor`` is.
 
+Why one long file: a device gets this screener by copying ``screen.py`` beside its ``.tflite``
+and sidecar (edge/README.md); splitting it into modules would make that a package install. The
+screener contract (sidecar fields, the verdict rule, the spectral part) is defined here and
+imported by the exporter, so both sides read the same definition.
+
 Model contract (what the tfbackdoor exporter writes):
 
 * exactly one input: ``[1, H, W, 3]`` raw RGB pixels, dtype uint8 (fed as
