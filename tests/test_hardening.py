@@ -398,7 +398,10 @@ def test_scan_skips_a_png_bomb_from_its_header_and_stays_small(tmp_path):
     rows = {Path(row["id"]).name: row["score"] for row in csv.DictReader(out.open())}
     assert rows.keys() == {"0.png", "1.png", "bomb.png"} and rows["bomb.png"] == "" and rows["0.png"]
     maxrss = int(r.stderr.split("maxrss_kb")[-1].split()[0])
-    assert maxrss < 1_500_000, maxrss    # KB: TensorFlow and the detector, never the 1.6 GB bitmap
+    # KB. TensorFlow and the detector alone: ~0.69 GB run by itself, up to 1.84 GB seen once inside a
+    # full-suite run on a loaded machine (unexplained). Decoding the bomb adds its 1.6 GB bitmap to
+    # that baseline (>= 2.3 GB), so this still fails if the bomb is ever decoded.
+    assert maxrss < 2_100_000, maxrss
 
 
 # ----------------------------------------------------------------------------- item 15: start-up noise
