@@ -522,11 +522,11 @@ def shard(dataset, out, shards, image_size, limit, seed):
 @click.option("--calibration", default="cifar10:train+gtsrb:train", show_default=True,
               help="Clean images for int8 calibration (manipulated and triggered copies are added).")
 @click.option("--calibration-size", type=int, default=300, show_default=True, help="Clean calibration images per spec part.")
-@click.option("--fold", type=click.Choice(["auto", "fc", "separable", "none"]), default="auto", show_default=True,
+@click.option("--fold", type=click.Choice(["auto", "fc", "basis", "separable", "none"]), default="auto", show_default=True,
               help="How the DCT and input normalization become TFLite ops (auto: fc for int8 up to 32x32 px, "
-                   "separable above, none for float).")
+                   "basis above: small DCT basis matmuls in both orders + per-frequency scales; none for float).")
 @click.option("--clip", type=float, default=None,
-              help="int8: clip normalized DCT values to +-CLIP before quantizing (default 8 with --fold fc; 0 = off).")
+              help="int8: clip normalized DCT values to +-CLIP before quantizing (default 8 with --fold fc or basis; 0 = off).")
 @click.option("--calibration-tail", "tail", type=float, default=None,
               help="int8: share of each activation's calibration values left outside its int8 range "
                    "(default 0.001; 0 = TFLite's min..max).")

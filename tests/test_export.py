@@ -52,7 +52,7 @@ def int8_screener(small_detector, tmp_path_factory):
 
 # ------------------------------------------------------------------------ float equivalence
 
-@pytest.mark.parametrize("fold", ["fc", "separable"])
+@pytest.mark.parametrize("fold", ["fc", "separable", "basis"])
 def test_folded_dct_normalization_equals_dct2d_then_normalization(lossless, fold):
     x = lossless[0][:32].astype("float32")
     norm = keras.layers.Normalization(axis=(1, 2, 3))
@@ -72,11 +72,65 @@ def test_screener_graph_equals_detector_in_float(small_detector, lossless):
     ref = detector.score(model, x)
     for fold, head, clip, fold_bn in [("fc", "logit", None, "last"), ("fc", "logit", None, "all"),
                                       ("fc", "softmax", None, "none"), ("separable", "logit", None, "last"),
-                                      ("none", "softmax", None, "none"), ("fc", "logit", 8.0, "last")]:
+                                      ("none", "softmax", None, "none"), ("fc", "logit", 8.0, "last"),
+                                      ("basis", "logit", None, "last"), ("basis", "logit", 8.0, "last")]:
         s = export.build_screener(model, fold, head, clip=clip, fold_bn=fold_bn)
         got = export.screener_scores(s, x)
         # Exact up to float rounding; clipping at +-8 only touches the rare larger coefficients.
         assert np.abs(got - ref).max() < (1e-4 if clip is None else 5e-3), (fold, head, clip, fold_bn)
+
+
+def test_basis_fold_takes_each_frequency_from_the_better_scaled_order():
+    """Statistics like a 128-px detector's (row/column means large, vertical and horizontal detail
+    tiny): every frequency comes from exactly one order, the int8 intermediate's noise factor
+    ``s / std`` of that order stays small where the single row-first order would be ~100x, and the
+    remaining per-frequency scales are near 1 (one int8 scale then serves every frequency)."""
+    from tfbackdoor.export.layer import basis_fold
+
+    n = 64
+    u = np.arange(n)[:, None, None]
+    v = np.arange(n)[None, :, None]
+    std = np.broadcast_to(3000.0 / (1 + u) ** 1.3 / (1 + v) ** 1.3 + 0.5, (n, n, 3)).copy()
+    mean = np.zeros((n, n, 3))
+    mean[0, 0] = 12000.0
+    d = frequency.dct_matrix(n)
+    f = basis_fold(d, d, mean, std)
+    a, b = f["scale_a"] != 0, f["scale_b"] != 0
+    assert np.all(a ^ b) and a.any() and b.any()
+    ey2 = std ** 2 + mean ** 2
+    col, row = np.sqrt(ey2.mean(axis=(0, 2))), np.sqrt(ey2.mean(axis=(1, 2)))
+    chosen = np.where(a, col[None, :, None], row[:, None, None]) / std
+    assert chosen.max() < 10 and (col[None, :, None] / std).max() > 100
+    scale = np.where(a, f["scale_a"], f["scale_b"])
+    assert 0.2 < scale.min() and scale.max() < 5
+
+
+def test_int8_export_above_32_px_uses_the_basis_fold(lossless, tmp_path):
+    """A 64-px detector (untrained 'large' body, normalization adapted on upscaled images) exports to
+    a full-integer int8 screener with the basis fold (fc would need a 4096x4096 matrix per channel);
+    its scores follow the Keras detector's."""
+    from tfbackdoor.export.graph import _resolve_fold
+
+    assert _resolve_fold("auto", "int8", 32) == "fc" and _resolve_fold("auto", "int8", 224) == "basis"
+    x = np.asarray(Image.fromarray(np.concatenate(list(lossless[0][:64]), axis=1)).resize((64 * 64, 64),
+                                                                                          Image.BICUBIC))
+    x = np.stack(np.split(x, 64, axis=1))   # 64 images of 64x64
+    keras.utils.set_random_seed(0)
+    model = detector.build("large", image_size=64)
+    detector.adapt_normalization(model, x, "dct", n=64)
+    scores = detector.score(model, x)
+    detector.spec_of(model).threshold = float(np.median(scores))
+    path = tmp_path / "det64.keras"
+    detector.save(model, path)
+    npz = tmp_path / "cal.npz"
+    np.savez(npz, x=x[:32], y=np.zeros(32, np.int64))
+    summary = export.export(path, tmp_path / "s64.tflite", "int8", f"npz:{npz}", 32)
+    assert summary["fold"] == "basis" and summary["float_ops_between"] == []
+    assert {"FULLY_CONNECTED", "DEPTHWISE_CONV_2D"} <= set(summary["ops"])
+    info = export.describe(tmp_path / "s64.tflite")
+    assert info["input"] == {"shape": [1, 64, 64, 3], "dtype": "uint8", "quantization": [1.0, 0]}
+    ts = export.tflite_scores(tmp_path / "s64.tflite", x)
+    assert np.corrcoef(ts, scores)[0, 1] > 0.9, (ts.round(3), scores.round(3))
 
 
 # ----------------------------------------------------------------------------- int8 export

@@ -32,11 +32,17 @@ affine map per channel, ``z_c = x_c @ (K / std_c) - mean_c / std_c`` with ``K = 
 :class:`FoldedDCTNormalization`. The converter turns it into one ``FULLY_CONNECTED`` per channel
 with per-output-column int8 weight scales, fed by the exactly-quantized uint8 pixels, so the first
 quantized activation is already normalised (all frequencies share one scale fairly). That needs
-an ``(H*W)^2`` matrix, so it is used up to 32x32 px; ``fold="separable"`` (a ``1 x W``
-convolution with per-column scaling, then a depthwise ``H x 1`` convolution holding a
-``D_H / (s * std)`` matrix per column and channel) is exact too and small, but less precise in
-int8 and, from 64 px on, TFLite's generic depthwise kernel makes calibration take many minutes;
-integer exports of larger detectors are therefore refused (float16 works at any size).
+an ``(H*W)^2`` matrix, so it is used up to 32x32 px. Above, ``fold="basis"`` computes the DCT as
+small basis matmuls (``X D_W^T`` then ``D_H``: two ``FULLY_CONNECTED`` of ``W x W`` and ``H x H``
+weights shared by the channels), with per-column scales that give the int8 intermediate unit RMS
+per column, and the rest of the normalisation as a per-channel-per-frequency scale and offset
+(``1 x 1`` ``DEPTHWISE_CONV_2D`` layers, one int8 weight scale per frequency). One order alone
+leaves some frequencies in an intermediate column dominated by others (the vertical detail of the
+row means: ~400x its own RMS at 128 px), where int8 noise reads as a trigger; so both orders are
+computed and each frequency is taken from the one whose intermediate is scaled for it
+(:func:`.layer.basis_fold`). ``fold="separable"`` (one order, a depthwise ``H x 1`` convolution
+per column) is exact in float but less precise in int8, and TFLite's calibration of a depthwise
+layer of more than ~4,096 channels takes many minutes.
 
 Ranges. TFLite sets each int8 activation range to the min..max seen in calibration, so a few
 extreme values (strong triggers, white blocks) set a coarse step for every value of a tensor. Two
@@ -112,7 +118,7 @@ def export(detector_path, out, quantize="int8", calibration=DEFAULT_CALIBRATION,
     if quantize not in QUANTIZE_MODES:
         raise TfbdError(f"unknown quantization '{quantize}' (known: {', '.join(QUANTIZE_MODES)})")
     if clip is None:
-        clip = DEFAULT_CLIP if (quantize == "int8" and fold_r == "fc") else 0
+        clip = DEFAULT_CLIP if (quantize == "int8" and fold_r in ("fc", "basis")) else 0
     if clip < 0:
         raise TfbdError(f"--clip must be >= 0 (got {clip})")
     clip = float(clip) or None

@@ -13,7 +13,7 @@ from ..frequency import DCT2D
 from .folds import fold_batchnorm
 from .layer import FoldedDCTNormalization
 
-FOLDS = ("auto", "fc", "separable", "none")
+FOLDS = ("auto", "fc", "basis", "separable", "none")
 HEADS = ("auto", "logit", "softmax")
 FC_FOLD_MAX_PIXELS = 1024  # 32x32: one 1024x1024 matrix per channel (1 MB as int8, shared)
 
@@ -25,11 +25,9 @@ def _resolve_fold(fold, quantize, image_size):
         return fold
     if quantize in ("float32", "float16"):
         return "none"  # float keeps the small separable DCT2D + Normalization, exact
-    if image_size * image_size <= FC_FOLD_MAX_PIXELS:
-        return "fc"
-    raise TfbdError(f"--quantize {quantize}: detectors larger than 32x32 px (this one: {image_size}) have no "
-                    "integer export yet; use --quantize float16 (or --fold separable: correct but its depthwise "
-                    "layer makes TFLite's calibration very slow)")
+    # Above 32x32 the fc fold's (H*W)^2 matrix per channel grows too large (128 px: 268 M weights);
+    # the basis fold's two small matmuls (H^2 + W^2 weights) scale.
+    return "fc" if image_size * image_size <= FC_FOLD_MAX_PIXELS else "basis"
 
 
 def _resolve_head(head, quantize):
@@ -46,7 +44,7 @@ def build_screener(model, fold="fc", head="softmax", clip=None, fold_bn=True) ->
     Args:
       model: a tfbackdoor detector (``DetectorSpec``, domain ``dct``, with an ``input_norm``
         Normalization layer unless ``fold="none"``).
-      fold: ``"fc"``/``"separable"``: :class:`FoldedDCTNormalization` replaces
+      fold: ``"fc"``/``"basis"``/``"separable"``: :class:`FoldedDCTNormalization` replaces
         ``DCT2D`` + ``input_norm``; ``"none"``: ``DCT2D`` then the detector as it is.
       head: ``"softmax"``: column 1 of the softmax; ``"logit"``: the logit difference
         ``z1 - z0`` (:func:`convert` appends a float sigmoid to the converted model).
@@ -77,7 +75,7 @@ def build_screener(model, fold="fc", head="softmax", clip=None, fold_bn=True) ->
         except ValueError:
             raise TfbdError(f"model '{model.name}': no 'input_norm' layer to fold into the DCT (use --fold none)") from None
         tail = keras.Model(norm.output, probs.input)
-        scaled = bool(clip) and fold == "fc"
+        scaled = bool(clip) and fold in ("fc", "basis")
         which = {True: "all", False: "none"}.get(fold_bn, fold_bn)
         if which != "none" or scaled:
             new_tail, pending = fold_batchnorm(tail, clip if scaled else 1.0, which)
