@@ -252,7 +252,9 @@ def _benign(text, seed):
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Clean images per batch (x2 inputs).")
 @click.option("--domain", type=click.Choice(["dct", "image"]), default="dct", show_default=True)
-@click.option("--arch", type=click.Choice(["cnn6", "large"]), default="cnn6", show_default=True)
+@click.option("--arch", type=click.Choice(["cnn6", "large", "edge"]), default="cnn6", show_default=True,
+              help="cnn6: the paper's 32-px detector; large: >= 128 px; edge: 224-px camera frames "
+                   "on an edge CPU (4x4 patchify stem).")
 @click.option("--image-size", type=int, default=None, help="Input side (default: the dataset's).")
 @click.option("--limit", type=int, default=None, help="Use a seeded subset of N images (per spec for A+B).")
 @click.option("--lr", type=float, default=1e-3, show_default=True)

@@ -160,7 +160,7 @@ def test_training_pipeline_is_balanced_and_in_dct():
 
 # ----------------------------------------------------------------------------- models
 
-@pytest.mark.parametrize("arch,size", [("cnn6", 32), ("large", 128)])
+@pytest.mark.parametrize("arch,size", [("cnn6", 32), ("large", 128), ("edge", 64)])
 def test_model_shapes(arch, size):
     m = detector.build(arch, size)
     out = m(np.zeros((2, size, size, 3), np.float32))
@@ -168,6 +168,16 @@ def test_model_shapes(arch, size):
     np.testing.assert_allclose(out.numpy().sum(1), 1.0, rtol=1e-5)
     spec = detector.spec_of(m)
     assert (spec.arch, spec.image_size, spec.domain) == (arch, size, "dct")
+
+
+def test_edge_arch_patchifies_early_and_checks_its_size():
+    """The camera-frame arch divides the side by 4 in its first layer (its cost argument) and
+    refuses a side it cannot pool down evenly, naming the size."""
+    m = models.edge(128)
+    assert tuple(m.get_layer("stem").output.shape[1:3]) == (32, 32)
+    assert m.count_params() < 600_000
+    with pytest.raises(TfbdError, match="multiple of 32.*100"):
+        models.edge(100)
 
 
 def test_cnn6_matches_the_paper_layout():

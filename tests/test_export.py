@@ -105,7 +105,8 @@ def test_basis_fold_takes_each_frequency_from_the_better_scaled_order():
     assert 0.2 < scale.min() and scale.max() < 5
 
 
-def test_int8_export_above_32_px_uses_the_basis_fold(lossless, tmp_path):
+@pytest.mark.parametrize("arch", ["large", "edge"])
+def test_int8_export_above_32_px_uses_the_basis_fold(lossless, tmp_path, arch):
     """A 64-px detector (untrained 'large' body, normalization adapted on upscaled images) exports to
     a full-integer int8 screener with the basis fold (fc would need a 4096x4096 matrix per channel);
     its scores follow the Keras detector's."""
@@ -116,7 +117,7 @@ def test_int8_export_above_32_px_uses_the_basis_fold(lossless, tmp_path):
                                                                                           Image.BICUBIC))
     x = np.stack(np.split(x, 64, axis=1))   # 64 images of 64x64
     keras.utils.set_random_seed(0)
-    model = detector.build("large", image_size=64)
+    model = detector.build(arch, image_size=64)
     detector.adapt_normalization(model, x, "dct", n=64)
     scores = detector.score(model, x)
     detector.spec_of(model).threshold = float(np.median(scores))
