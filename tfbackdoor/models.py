@@ -119,20 +119,7 @@ def large(image_size=224, l2=1e-4, name="large"):
     * dropout 0.3 and a dense softmax over {clean, poisoned}. About 0.3M parameters, size-agnostic
       apart from the normalization statistics.
     """
-    inp = keras.Input((image_size, image_size, 3), name="inputs")
-    x = layers.Normalization(axis=(1, 2, 3), name="input_norm")(inp)
-    x = FrequencyCoords()(x)
-    x = layers.Conv2D(32, 3, strides=2, padding="same", kernel_regularizer=regularizers.l2(l2), name="stem")(x)
-    x = layers.Activation("elu")(x)
-    x = layers.BatchNormalization()(x)
-    for i, filters in enumerate((32, 64, 96, 128)):
-        x = _conv_block(x, filters, l2, f"conv{2 * i + 1}")
-        x = _conv_block(x, filters, l2, f"conv{2 * i + 2}")
-        x = layers.MaxPooling2D(2)(x)
-    x = layers.Concatenate()([layers.GlobalAveragePooling2D()(x), layers.GlobalMaxPooling2D()(x)])
-    x = layers.Dropout(0.3)(x)
-    out = layers.Dense(2, activation="softmax", name="probs")(x)
-    return keras.Model(inp, out, name=name)
+    return _staged(image_size, l2, name, stem_kernel=3, stem_stride=2, stem_padding="same", pool_last=True)
 
 
 def edge(image_size=224, l2=1e-4, name="edge"):
@@ -146,21 +133,30 @@ def edge(image_size=224, l2=1e-4, name="edge"):
     by 16 at once. Then the ``large`` recipe at 56, 28, 14 and 7 px ([3x3 conv + ELU + BN] x 2,
     2x2 max-pool; 32, 64, 96, 128 filters), global average *and* max pooling (the max keeps a
     localized peak), dropout 0.3 and a softmax over {clean, poisoned}. About 0.15 GMAC per frame
-    at 224 px and ~0.4M parameters; plain Conv2D/BN/ELU only, so the int8 exporter folds it like
-    ``large``. Input ``(batch, image_size, image_size, 3)``, ``image_size`` a multiple of 32 (4 x 2^3).
+    at 224 px and ~0.48M weights (plus the normalization statistics); plain Conv2D/BN/ELU only,
+    so the int8 exporter folds it like ``large``. Input ``(batch, image_size, image_size, 3)``, ``image_size`` a multiple of 32 (4 x 2^3).
     """
     if image_size % 32:
         raise TfbdError(f"the edge architecture needs an image size that is a multiple of 32 (got {image_size})")
+    return _staged(image_size, l2, name, stem_kernel=4, stem_stride=4, stem_padding="valid", pool_last=False)
+
+
+def _staged(image_size, l2, name, stem_kernel, stem_stride, stem_padding, pool_last):
+    """The body ``large`` and ``edge`` share: normalization, frequency coordinates, a 32-filter
+    stem, four stages of [3x3 conv + ELU + BN] x 2 (32, 64, 96, 128 filters) with 2x2 max-pool
+    between them (and after the last when ``pool_last``), global average + max pooling, dropout
+    0.3, softmax over {clean, poisoned}."""
     inp = keras.Input((image_size, image_size, 3), name="inputs")
     x = layers.Normalization(axis=(1, 2, 3), name="input_norm")(inp)
     x = FrequencyCoords()(x)
-    x = layers.Conv2D(32, 4, strides=4, padding="valid", kernel_regularizer=regularizers.l2(l2), name="stem")(x)
+    x = layers.Conv2D(32, stem_kernel, strides=stem_stride, padding=stem_padding,
+                      kernel_regularizer=regularizers.l2(l2), name="stem")(x)
     x = layers.Activation("elu")(x)
     x = layers.BatchNormalization()(x)
     for i, filters in enumerate((32, 64, 96, 128)):
         x = _conv_block(x, filters, l2, f"conv{2 * i + 1}")
         x = _conv_block(x, filters, l2, f"conv{2 * i + 2}")
-        if i < 3:
+        if pool_last or i < 3:
             x = layers.MaxPooling2D(2)(x)
     x = layers.Concatenate()([layers.GlobalAveragePooling2D()(x), layers.GlobalMaxPooling2D()(x)])
     x = layers.Dropout(0.3)(x)
