@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-DATA = Path(os.environ.get("TFBD_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tfbackdoor.specs import data_root  # noqa: E402  (TF-free: $TFBD_DATA or ../shared/data)
 
 
 def thumb(path: Path) -> np.ndarray:
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--src", required=True, help="Imagenette root with <split>/<wnid>/*.JPEG")
     ap.add_argument("--split", default="train")
     ap.add_argument("--out", required=True, help="Output folder (class sub-folders)")
-    ap.add_argument("--camera", default=str(DATA / "natural" / "camera"), help="Camera test photos <wnid>_<name>.jpg")
+    ap.add_argument("--camera", default=str(data_root() / "natural" / "camera"), help="Camera test photos <wnid>_<name>.jpg")
     ap.add_argument("--cut", type=float, default=0.6, help="Thumbnail correlation that counts as a possible duplicate")
     args = ap.parse_args(argv)
 

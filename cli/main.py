@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from tfbackdoor.specs import ARCH_NAMES   # TF-free
+
 _TF_LOG_PRESET = "TF_CPP_MIN_LOG_LEVEL" in os.environ   # a user's own setting wins over --verbose
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _VERBOSE = False
@@ -252,7 +254,7 @@ def _benign(text, seed):
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True, help="Clean images per batch (x2 inputs).")
 @click.option("--domain", type=click.Choice(["dct", "image"]), default="dct", show_default=True)
-@click.option("--arch", type=click.Choice(["cnn6", "large", "edge"]), default="cnn6", show_default=True,
+@click.option("--arch", type=click.Choice(list(ARCH_NAMES)), default="cnn6", show_default=True,
               help="cnn6: the paper's 32-px detector; large: >= 128 px; edge: 224-px camera frames "
                    "on an edge CPU (4x4 patchify stem).")
 @click.option("--image-size", type=int, default=None, help="Input side (default: the dataset's).")

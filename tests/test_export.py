@@ -107,7 +107,7 @@ def test_basis_fold_takes_each_frequency_from_the_better_scaled_order():
 
 @pytest.mark.parametrize("arch", ["large", "edge"])
 def test_int8_export_above_32_px_uses_the_basis_fold(lossless, tmp_path, arch):
-    """A 64-px detector (untrained 'large' body, normalization adapted on upscaled images) exports to
+    """A 64-px detector (untrained 'large' or 'edge' body, normalization adapted on upscaled images) exports to
     a full-integer int8 screener with the basis fold (fc would need a 4096x4096 matrix per channel);
     its scores follow the Keras detector's."""
     from tfbackdoor.export.graph import _resolve_fold

@@ -66,6 +66,9 @@ def test_specs_agree_with_the_loaders(tmp_path):
 
     assert data.SHORT_NAMES is specs.SHORT_NAMES and data.CROP_SOURCES is specs.CROP_SOURCES
     assert list(specs.ATTACK_NAMES) == list(triggers.available())
+    from tfbackdoor import models
+
+    assert specs.ARCH_NAMES == tuple(models.ARCHS)
     assert specs.ZOO_NAME_FORMS == zoo.NAME_FORMS
     assert {k: tuple(v) for k, v in zoo.GROUPS.items()} == {k: specs.ATTACK_GROUPS[k] for k in zoo.GROUPS}
     for name in ["nope", "badnetz+jpeg75", "lf:x", "wanet:1.5", "smooth:/no.npy", "file:/no.png", " Badnets"]:

@@ -134,7 +134,8 @@ def edge(image_size=224, l2=1e-4, name="edge"):
     2x2 max-pool; 32, 64, 96, 128 filters), global average *and* max pooling (the max keeps a
     localized peak), dropout 0.3 and a softmax over {clean, poisoned}. About 0.15 GMAC per frame
     at 224 px and ~0.48M weights (plus the normalization statistics); plain Conv2D/BN/ELU only,
-    so the int8 exporter folds it like ``large``. Input ``(batch, image_size, image_size, 3)``, ``image_size`` a multiple of 32 (4 x 2^3).
+    so the int8 exporter folds it like ``large``. Input ``(batch, image_size, image_size, 3)``,
+    ``image_size`` a multiple of 32 (4 x 2^3).
     """
     if image_size % 32:
         raise TfbdError(f"the edge architecture needs an image size that is a multiple of 32 (got {image_size})")

@@ -36,6 +36,10 @@ CROP_SOURCES = {"photos:crops": "photos"}
 DEFAULT_CROPS = 20000
 SPEC_FORMS = ("npz:PATH", "dir:PATH", "tfds:NAME[:SPLIT]", "crops:PATH[:N]")
 
+# Detector architectures of tfbackdoor.models.ARCHS (a copy for the CLI's choices; tests/test_startup.py
+# checks they agree).
+ARCH_NAMES = ("cnn6", "large", "edge")
+
 # Attack names accepted by tfbackdoor.triggers.get / expand and tfbackdoor.triggers.zoo.get (a copy:
 # tests/test_startup.py checks it equals triggers.available(), the groups and zoo.NAME_FORMS).
 PAPER_DETECTOR_ATTACKS = ("badnets", "trojan_wm", "trojan_sq", "blend", "nature", "l2_inv", "l0_inv")
