@@ -442,6 +442,9 @@ def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alp
 @click.option("--threshold", type=float, default=None, help="Override the detector's threshold.")
 @click.option("--write-clean", default=None,
               help="npz:PATH to write the unflagged samples to (with --runner: tfrecord:PREFIX, sharded).")
+@click.option("--remove-top", type=float, default=0.0, show_default=True, metavar="PCT",
+              help="Also flag the PCT %% highest-scoring samples (a stricter operating point for training sets; "
+                   "the set is scored twice).")
 @click.option("--limit", type=int, default=None, help="Scan only a seeded random subset of N samples (with --seed).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--runner", type=click.Choice(["direct", "dataflow", "flink", "spark"]), default=None,
@@ -453,10 +456,15 @@ def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alp
               help="With --runner: a Beam pipeline option, e.g. project=P, region=R, temp_location=gs://B/tmp, "
                    "flink_master=HOST:8081 (repeatable).")
 @handle_errors
-def scan(detector_path, dataset, out, threshold, write_clean, limit, seed, runner, num_workers, beam_options):
+def scan(detector_path, dataset, out, threshold, write_clean, remove_top, limit, seed, runner, num_workers, beam_options):
     """Score every sample of a dataset, flag suspects, optionally write the sanitised set."""
     from tfbackdoor.errors import TfbdError
 
+    if not 0 <= remove_top < 100:
+        raise TfbdError(f"--remove-top must be in [0, 100) percent (got {remove_top})")
+    if runner is not None and remove_top:
+        raise TfbdError("--remove-top needs every score before the first verdict: run it without --runner "
+                        "(or pass --threshold from a first scan's report)")
     if runner is None and (num_workers is not None or beam_options):
         raise TfbdError("--num-workers and --beam-option need --runner")
     if runner is None and write_clean is not None and not str(write_clean).startswith("npz:"):
@@ -486,7 +494,7 @@ def scan(detector_path, dataset, out, threshold, write_clean, limit, seed, runne
 
     model = detector.load(detector_path)
     # Skipped items are printed as they are met, one line each with the reason (handle_errors).
-    summary = detector.scan(model, dataset, out, threshold, write_clean, limit=limit, seed=seed)
+    summary = detector.scan(model, dataset, out, threshold, write_clean, limit=limit, seed=seed, remove_top=remove_top)
     click.echo(json.dumps(summary))
 
 

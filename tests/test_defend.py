@@ -19,6 +19,15 @@ def test_screen_flags_and_scan_report():
     assert rep["clean_removed"] == 20.0 and rep["n_poisoned_kept"] == 1
 
 
+def test_top_threshold_keeps_saturated_ties_together():
+    from tfbackdoor import metrics
+    # 4 scores saturated at 1.0 and a 25% (2 of 8) top cut: all four ties are flagged, not none of them
+    scores = np.array([1.0, 1.0, 1.0, 1.0, 0.2, 0.1, 0.3, 0.4], np.float32)
+    assert defend.screen_flags(scores, 2.0, remove_top=25).tolist() == [True] * 4 + [False] * 4
+    assert metrics.top_threshold(scores, 0.15, remove_top=25) == 0.15      # the plain threshold was already stricter
+    assert metrics.top_threshold(scores, 0.5, remove_top=0) == 0.5
+
+
 def test_defend_command_runs_the_loop(tmp_path, data_dir):
     out = tmp_path / "rows.json"
     res = CliRunner().invoke(main, ["defend", "--dataset", "cifar10:lossless", "--test-dataset", "cifar10:test",

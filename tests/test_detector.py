@@ -260,6 +260,27 @@ def test_scan_streams_reports_and_skips_bad_items(tiny, tmp_path):
         assert d["x"].shape == (10 - flagged, 32, 32, 3) and d["y"].shape == (10 - flagged,)
 
 
+def test_scan_remove_top_flags_the_highest_scores_too_and_writes_the_rest(tiny, tmp_path, data_dir):
+    """--remove-top 25: the 25% highest scores are flagged on top of the threshold's verdicts (a
+    threshold of 1.0 flags nothing by itself), the sanitised set holds exactly the others."""
+    out, clean = tmp_path / "r.csv", tmp_path / "clean.npz"
+    r = CliRunner().invoke(main, ["scan", "--detector", str(tiny), "--dataset", "cifar10:test", "--limit", "40",
+                                  "--out", str(out), "--threshold", "1.0", "--remove-top", "25",
+                                  "--write-clean", f"npz:{clean}"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    rows = list(csv.DictReader(out.open()))
+    scores = np.array([float(row["score"]) for row in rows])
+    flags = np.array([row["flagged"] == "1" for row in rows])
+    assert summary["remove_top"] == 25 and summary["detector_threshold"] == 1.0 and summary["threshold"] < 1.0
+    assert flags.sum() >= 10 and scores[flags].min() >= scores[~flags].max()
+    with np.load(clean) as d:
+        assert len(d["x"]) == 40 - flags.sum() == summary["clean_written"]
+    bad = CliRunner().invoke(main, ["scan", "--detector", str(tiny), "--dataset", "cifar10:test", "--out",
+                                    str(tmp_path / "b.csv"), "--remove-top", "100"])
+    assert bad.exit_code != 0 and "--remove-top must be in [0, 100)" in bad.output
+
+
 def test_finetune_excludes_its_samples_from_evaluation(tiny, tmp_path):
     out = tmp_path / "ft.keras"
     r = CliRunner().invoke(main, ["finetune", "--detector", str(tiny), "--dataset", "gtsrb:test", "--samples", "20",

@@ -26,20 +26,13 @@ import numpy as np
 
 from . import detector as detector_mod
 from . import metrics, victim
-from .errors import TfbdError
 
 
 def screen_flags(scores, threshold, remove_top=0.0) -> np.ndarray:
-    """Boolean flags: ``scores > threshold``, plus the top ``remove_top`` percent of the scores."""
-    scores = np.asarray(scores, np.float64)
-    flags = metrics.flagged(scores, threshold)
-    if remove_top:
-        if not 0 <= remove_top < 100:
-            raise TfbdError(f"--remove-top must be in [0, 100) percent (got {remove_top})")
-        k = int(round(len(scores) * remove_top / 100.0))
-        if k:
-            flags[np.argsort(-scores, kind="stable")[:k]] = True
-    return flags
+    """Boolean flags: ``scores > threshold``, plus the top ``remove_top`` percent of the scores
+    (:func:`tfbackdoor.metrics.top_threshold`, the rule ``tfbd scan --remove-top`` uses)."""
+    scores = np.asarray(scores)
+    return metrics.flagged(scores, metrics.top_threshold(scores, threshold, remove_top))
 
 
 def scan_report(flags, poisoned_idx) -> dict:

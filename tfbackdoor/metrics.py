@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
+from .errors import TfbdError
+
 # The verdict rule (score strictly above the threshold), defined once with the screener contract in edge/.
 from edge.screen import is_flagged as flagged
 
@@ -22,6 +24,28 @@ from edge.screen import is_flagged as flagged
 def flag_rate(scores, threshold=0.5) -> float:
     scores = np.asarray(scores, np.float64)
     return float(100.0 * np.mean(flagged(scores, threshold))) if scores.size else float("nan")
+
+
+def top_threshold(scores, threshold, remove_top=0.0) -> float:
+    """A threshold that also flags the ``remove_top`` percent highest ``scores`` (a stricter operating point).
+
+    Returns ``min(threshold, t)`` with ``t`` just below the k-th highest score, ``k =
+    round(len(scores) * remove_top / 100)``, so that ``score > result`` flags everything the
+    plain threshold flags plus at least the top k (ties with the k-th score included: scores
+    saturated at 1.0 must not hide a whole block of suspects).
+    """
+    if not 0 <= remove_top < 100:
+        raise TfbdError(f"--remove-top must be in [0, 100) percent (got {remove_top})")
+    s = np.asarray(scores).ravel()
+    if not np.issubdtype(s.dtype, np.floating):
+        s = s.astype(np.float64)
+    k = int(round(s.size * remove_top / 100.0))
+    if not k:
+        return float(threshold)
+    kth = np.partition(s, s.size - k)[s.size - k]
+    # The step below the k-th score is taken in the scores' own precision: float32 scores compared
+    # with a float64 step would round it back up to the k-th score and lose it.
+    return float(min(float(threshold), np.nextafter(kth, s.dtype.type(-np.inf))))
 
 
 def auroc(clean_scores, poisoned_scores) -> float:

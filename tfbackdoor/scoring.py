@@ -181,11 +181,17 @@ class _NpzStreamWriter:
 
 
 def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=256, limit=None, seed=0,
-         progress=None) -> dict:
+         progress=None, remove_top=0.0) -> dict:
     """Score every sample of ``dataset`` (streamed), write a CSV report and optionally the sanitised set.
 
     CSV columns: ``id, label, score, flagged``. Unreadable items are listed in the summary's
     ``skipped`` and as CSV rows with an empty score. Returns a summary dict.
+
+    ``remove_top`` (percent): also flag that share of the highest-scoring samples, a stricter
+    operating point for training sets, where losing a few percent of clean images costs little
+    (:func:`tfbackdoor.metrics.top_threshold`). It needs every score before the first verdict, so
+    the set is scored twice (a first pass keeps only the scores); the summary's ``threshold`` is
+    then the effective one and ``detector_threshold`` the model's.
     """
     spec = spec_of(model)
     thr = spec.threshold if threshold is None else threshold
@@ -193,6 +199,10 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
         raise TfbdError(f"--write-clean must be npz:PATH (got '{write_clean}')")
     ds = data_mod.load(dataset, image_size=spec.image_size, with_ids=True, limit=limit, seed=seed)
     score_fn = _score_fn(model)
+    base_thr = thr
+    if remove_top:
+        first = [score_fn(bx).numpy() for bx, _by, _bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator()]
+        thr = metrics.top_threshold(np.concatenate(first) if first else np.zeros(0), thr, remove_top)
     writer_npz = _NpzStreamWriter(str(write_clean)[4:], (spec.image_size, spec.image_size, 3)) if write_clean else None
     n = flagged = 0
     seen, skipped = [], []
@@ -223,4 +233,5 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
             writer_npz.write_to(tmps[1])
     return {"dataset": dataset, "n": n, "flagged": flagged, "flagged_pct": round(100.0 * flagged / max(n, 1), 2),
             "threshold": thr, "skipped": [s[0] for s in skipped], "report": str(out_csv),
-            "clean_written": int(n - flagged) if write_clean else None}
+            "clean_written": int(n - flagged) if write_clean else None,
+            **({"remove_top": remove_top, "detector_threshold": base_thr} if remove_top else {})}
