@@ -443,8 +443,11 @@ def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alp
 @click.option("--write-clean", default=None,
               help="npz:PATH to write the unflagged samples to (with --runner: tfrecord:PREFIX, sharded).")
 @click.option("--remove-top", type=float, default=0.0, show_default=True, metavar="PCT",
-              help="Also flag the PCT %% highest-scoring samples (a stricter operating point for training sets; "
+              help="Also flag the PCT % highest-scoring samples (a stricter operating point for training sets; "
                    "the set is scored twice).")
+@click.option("--suspect-top", type=float, default=0.0, show_default=True, metavar="PCT",
+              help="In each label whose flag rate stands out (a dirty-label target), also flag the PCT % of its "
+                   "samples that score highest.")
 @click.option("--limit", type=int, default=None, help="Scan only a seeded random subset of N samples (with --seed).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--runner", type=click.Choice(["direct", "dataflow", "flink", "spark"]), default=None,
@@ -456,15 +459,16 @@ def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alp
               help="With --runner: a Beam pipeline option, e.g. project=P, region=R, temp_location=gs://B/tmp, "
                    "flink_master=HOST:8081 (repeatable).")
 @handle_errors
-def scan(detector_path, dataset, out, threshold, write_clean, remove_top, limit, seed, runner, num_workers, beam_options):
+def scan(detector_path, dataset, out, threshold, write_clean, remove_top, suspect_top, limit, seed, runner, num_workers, beam_options):
     """Score every sample of a dataset, flag suspects, optionally write the sanitised set."""
     from tfbackdoor.errors import TfbdError
 
-    if not 0 <= remove_top < 100:
-        raise TfbdError(f"--remove-top must be in [0, 100) percent (got {remove_top})")
-    if runner is not None and remove_top:
-        raise TfbdError("--remove-top needs every score before the first verdict: run it without --runner "
-                        "(or pass --threshold from a first scan's report)")
+    for name, pct in (("--remove-top", remove_top), ("--suspect-top", suspect_top)):
+        if not 0 <= pct < 100:
+            raise TfbdError(f"{name} must be in [0, 100) percent (got {pct})")
+        if runner is not None and pct:
+            raise TfbdError(f"{name} needs every score before the first verdict: run it without --runner "
+                            "(or pass --threshold from a first scan's report)")
     if runner is None and (num_workers is not None or beam_options):
         raise TfbdError("--num-workers and --beam-option need --runner")
     if runner is None and write_clean is not None and not str(write_clean).startswith("npz:"):
@@ -494,7 +498,8 @@ def scan(detector_path, dataset, out, threshold, write_clean, remove_top, limit,
 
     model = detector.load(detector_path)
     # Skipped items are printed as they are met, one line each with the reason (handle_errors).
-    summary = detector.scan(model, dataset, out, threshold, write_clean, limit=limit, seed=seed, remove_top=remove_top)
+    summary = detector.scan(model, dataset, out, threshold, write_clean, limit=limit, seed=seed, remove_top=remove_top,
+                           suspect_top=suspect_top)
     click.echo(json.dumps(summary))
 
 
@@ -788,6 +793,9 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
 @click.option("--threshold", type=float, default=None, help="Screen threshold (default: the detector's).")
 @click.option("--remove-top", type=float, default=0.0, show_default=True, metavar="PCT",
               help="Also remove the PCT % highest-scoring samples (a stricter operating point for training sets).")
+@click.option("--suspect-top", type=float, default=0.0, show_default=True, metavar="PCT",
+              help="In each label whose flag rate stands out (a dirty-label target), also remove the PCT % of its "
+                   "samples that score highest.")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Victim epochs (the same for every victim).")
 @click.option("--width", type=int, default=32, show_default=True, help="Victim width.")
 @click.option("--limit", type=int, default=None, help="Seeded subset of the training set.")
@@ -798,7 +806,7 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--out", type=click.Path(), default=None, help="Also write the JSON rows to this file.")
 @handle_errors
-def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, threshold, remove_top, epochs, width, limit,
+def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, threshold, remove_top, suspect_top, epochs, width, limit,
                test_limit, no_clean_reference, out_dir, seed, as_json, out):
     """Poison -> scan -> train on what is left -> attack-eval, for each attack; one table."""
     _check([dataset, test_dataset], triggers=attacks.split(","), files=[(detector_path, "detector file")],
@@ -812,14 +820,15 @@ def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, thre
     x, y = data.load_arrays(dataset, image_size=size, limit=limit, seed=seed)
     test = data.load_arrays(test_dataset, image_size=size, limit=test_limit, seed=seed)
     rows = defend.defend(x, y, test, [a for a in attacks.split(",") if a.strip()], det, out_dir, rate=rate,
-                         target=target, threshold=threshold, remove_top=remove_top, epochs=epochs, width=width,
+                         target=target, threshold=threshold, remove_top=remove_top, suspect_top=suspect_top, epochs=epochs, width=width,
                          seed=seed, echo=click.echo, clean_reference=not no_clean_reference)
     if out:
         atomic.write_json({"command": "tfbd " + " ".join(sys.argv[1:]), "rows": rows}, out)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    cols = ["recall", "precision", "clean_removed", "n_poisoned_kept", "acc", "acc_drop", "asr", "asr_screened"]
+    cols = ["recall", "precision", "clean_removed", "n_poisoned_kept", "suspect_labels", "acc", "acc_drop", "asr",
+            "asr_screened"]
     click.echo("| attack | " + " | ".join(cols) + " |")
     click.echo("|---|" + "---|" * len(cols))
     for r in rows:

@@ -28,6 +28,22 @@ def test_top_threshold_keeps_saturated_ties_together():
     assert metrics.top_threshold(scores, 0.5, remove_top=0) == 0.5
 
 
+def test_suspect_top_cuts_deeper_in_the_label_the_flags_single_out():
+    from tfbackdoor import metrics
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 100)
+    scores = rng.uniform(0, 0.5, 1000)
+    scores[:2] = 0.9                                  # label 0: two ordinary false positives
+    scores[600:640] = 0.95                            # label 6: 40 poisons the threshold catches...
+    scores[640:660] = 0.6                             # ...and 20 it misses, still above the clean ones
+    assert metrics.suspect_labels(scores > 0.8, labels) == [6]
+    flags = defend.screen_flags(scores, 0.8, labels=labels, suspect_top=60)
+    assert flags[600:660].all()                       # the missed poisons go too: top 60 of label 6
+    assert flags.sum() == 2 + 60 and flags[:2].all()  # no other label is cut deeper
+    thr, by_label = metrics.screen_thresholds(scores, labels, 0.8, suspect_top=60)
+    assert thr == 0.8 and list(by_label) == [6] and by_label[6] < 0.6
+
+
 def test_defend_command_runs_the_loop(tmp_path, data_dir):
     out = tmp_path / "rows.json"
     res = CliRunner().invoke(main, ["defend", "--dataset", "cifar10:lossless", "--test-dataset", "cifar10:test",

@@ -279,6 +279,12 @@ def test_scan_remove_top_flags_the_highest_scores_too_and_writes_the_rest(tiny, 
     bad = CliRunner().invoke(main, ["scan", "--detector", str(tiny), "--dataset", "cifar10:test", "--out",
                                     str(tmp_path / "b.csv"), "--remove-top", "100"])
     assert bad.exit_code != 0 and "--remove-top must be in [0, 100)" in bad.output
+    # --suspect-top: the summary names the labels it cut deeper in (a list, maybe empty), nothing else changes
+    r = CliRunner().invoke(main, ["scan", "--detector", str(tiny), "--dataset", "cifar10:test", "--limit", "40",
+                                  "--out", str(tmp_path / "s.csv"), "--suspect-top", "50"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.output.strip().splitlines()[-1])
+    assert summary["suspect_top"] == 50 and isinstance(summary["suspect_labels"], dict)
 
 
 def test_finetune_excludes_its_samples_from_evaluation(tiny, tmp_path):

@@ -7,15 +7,17 @@ For each attack :func:`defend` runs
 2. the screen: :func:`tfbackdoor.detector.score` of every training sample, flagged when above the
    threshold (the detector's own, or ``threshold``); ``remove_top`` additionally drops that share
    of the highest-scoring samples (a stricter operating point for training-set screening, where
-   losing a few percent of clean images costs little); the scan's recall and precision on the
+   losing a few percent of clean images costs little), and ``suspect_top`` drops that share of
+   the highest-scoring samples of each label whose flag rate stands out (the dirty-label target,
+   :func:`tfbackdoor.metrics.screen_thresholds`); the scan's recall and precision on the
    known poisoned samples and the share of clean samples removed;
 3. :func:`tfbackdoor.victim.train_victim` on the kept samples;
 4. :func:`tfbackdoor.victim.attack_eval` on the test set: clean ACC and ASR, plain and behind
    the detector as an input screener (``asr_screened``).
 
 A victim trained on the clean set with the same budget gives the reference ACC. The rows are
-percentages with the keys ``attack, recall, precision, clean_removed, n_kept, acc, asr,
-asr_screened, acc_drop``.
+percentages with the keys ``attack, recall, precision, clean_removed, n_poisoned_kept,
+suspect_labels, n_kept, acc, asr, asr_screened, acc_drop``.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from . import detector as detector_mod
 from . import metrics, victim
 
 
-def screen_flags(scores, threshold, remove_top=0.0) -> np.ndarray:
-    """Boolean flags: ``scores > threshold``, plus the top ``remove_top`` percent of the scores
-    (:func:`tfbackdoor.metrics.top_threshold`, the rule ``tfbd scan --remove-top`` uses)."""
+def screen_flags(scores, threshold, remove_top=0.0, labels=None, suspect_top=0.0) -> np.ndarray:
+    """Boolean flags: ``scores > threshold``, plus the top ``remove_top`` percent of the scores, plus
+    the top ``suspect_top`` percent of each suspect label's samples
+    (:func:`tfbackdoor.metrics.screen_thresholds`, the rule ``tfbd scan`` uses)."""
     scores = np.asarray(scores)
-    return metrics.flagged(scores, metrics.top_threshold(scores, threshold, remove_top))
+    thr, by_label = metrics.screen_thresholds(scores, labels, threshold, remove_top, suspect_top)
+    return metrics.flagged(scores, metrics.thresholds_for(labels, thr, by_label) if by_label else thr)
 
 
 def scan_report(flags, poisoned_idx) -> dict:
@@ -48,7 +52,7 @@ def scan_report(flags, poisoned_idx) -> dict:
 
 
 def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold=None, remove_top=0.0,
-           epochs=10, width=32, batch_size=128, seed=0, echo=print, clean_reference=True) -> list:
+           suspect_top=0.0, epochs=10, width=32, batch_size=128, seed=0, echo=print, clean_reference=True) -> list:
     """Run poison -> screen -> train -> attack-eval for each attack; returns one row per attack.
 
     Args:
@@ -60,6 +64,8 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
       rate, target: the poisoning.
       threshold: the screen's threshold (default: the detector's).
       remove_top: also remove this percentage of the highest-scoring samples.
+      suspect_top: in each label whose flag rate stands out (a dirty-label target), also remove
+        this percentage of that label's highest-scoring samples.
       epochs, width, batch_size: the victims' training budget (the same for every victim).
       clean_reference: also train a victim on the clean set (its ACC is the reference).
     """
@@ -81,8 +87,10 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
     rows = []
     for trig in trigs:
         x_p, y_p, idx = victim.poison(x, y, trig, rate, target, seed)
-        flags = screen_flags(detector_mod.score(detector, x_p), thr, remove_top)
+        scores = np.asarray(detector_mod.score(detector, x_p))
+        flags = screen_flags(scores, thr, remove_top, y_p, suspect_top)
         report = scan_report(flags, idx)
+        report["suspect_labels"] = sorted(metrics.screen_thresholds(scores, y_p, thr, remove_top, suspect_top)[1])
         keep = ~flags
         safe = trig.name.replace("/", "_").replace(":", "_")
         path = out_dir / f"victim_{safe}.keras"
@@ -91,10 +99,11 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
              f"training on {int(keep.sum())} -> {path}")
         model, _ = victim.train_victim(x_p[keep], y_p[keep], path,
                                        info={"sanitised": {"attack": trig.name, "target": int(target), "rate": rate,
-                                                           "threshold": thr, "remove_top": remove_top, **report}},
+                                                           "threshold": thr, "remove_top": remove_top,
+                                                           "suspect_top": suspect_top, **report}},
                                        **common)
         ev = victim.attack_eval(model, x_test, y_test, trig, target, screen=det_screen)
-        row = {"attack": trig.name, **{k: report[k] for k in ("recall", "precision", "clean_removed", "n_poisoned_kept")},
+        row = {"attack": trig.name, **{k: report[k] for k in ("recall", "precision", "clean_removed", "n_poisoned_kept", "suspect_labels")},
                "n_kept": int(keep.sum()), "acc": ev["acc"], "asr": ev["asr"], "asr_screened": ev["asr_screened"],
                "acc_drop": None if ref_acc is None else round(ref_acc - ev["acc"], 2), "target": int(target),
                "victim": str(path)}

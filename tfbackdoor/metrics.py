@@ -48,6 +48,53 @@ def top_threshold(scores, threshold, remove_top=0.0) -> float:
     return float(min(float(threshold), np.nextafter(kth, s.dtype.type(-np.inf))))
 
 
+# A label is a dirty-label target suspect when its flag rate is at least SUSPECT_FACTOR times the
+# median label's and at least SUSPECT_MIN_RATE percent: on the 10%-poisoned CIFAR-10 sets of
+# BENCHMARKS "End-to-end defense" the target label's rate is 13-52% and every other label's <= 1.5%.
+SUSPECT_FACTOR = 5.0
+SUSPECT_MIN_RATE = 5.0
+
+
+def suspect_labels(flags, labels) -> list:
+    """Labels whose flag rate stands out (see ``SUSPECT_FACTOR``, ``SUSPECT_MIN_RATE``), sorted."""
+    flags = np.asarray(flags, bool)
+    labels = np.asarray(labels)
+    uniq = [v for v in np.unique(labels) if v >= 0]          # -1: unlabelled folder images
+    if len(uniq) < 2:
+        return []
+    rates = {v: 100.0 * float(flags[labels == v].mean()) for v in uniq}
+    med = float(np.median(list(rates.values())))
+    return sorted(int(v) for v, r in rates.items() if r >= max(SUSPECT_MIN_RATE, SUSPECT_FACTOR * med))
+
+
+def screen_thresholds(scores, labels, threshold, remove_top=0.0, suspect_top=0.0):
+    """The training-set screen's thresholds: ``(global, {label: threshold})``.
+
+    ``global`` is :func:`top_threshold` (the plain threshold, or stricter with ``remove_top``). With
+    ``suspect_top`` (percent), each :func:`suspect_labels` label (by the global verdicts) gets its
+    own threshold that also flags that share of *its* highest-scoring samples: dirty-label poisons
+    all carry the target label, so once the flags single it out, the poisons the threshold missed
+    compete there with that label's clean samples only, not with the whole set's.
+    A sample is flagged when its score is above its label's threshold (or the global one).
+    """
+    scores = np.asarray(scores)
+    thr = top_threshold(scores, threshold, remove_top)
+    if not suspect_top or labels is None:
+        return thr, {}
+    labels = np.asarray(labels)
+    return thr, {lab: top_threshold(scores[labels == lab], thr, suspect_top)
+                 for lab in suspect_labels(flagged(scores, thr), labels)}
+
+
+def thresholds_for(labels, threshold, by_label) -> np.ndarray:
+    """Per-sample thresholds from :func:`screen_thresholds`' result."""
+    labels = np.asarray(labels)
+    out = np.full(labels.shape, float(threshold))
+    for lab, t in by_label.items():
+        out[labels == lab] = t
+    return out
+
+
 def auroc(clean_scores, poisoned_scores) -> float:
     """AUROC (percent) via the Mann-Whitney U statistic, ties counted half."""
     c = np.asarray(clean_scores, np.float64)

@@ -181,7 +181,7 @@ class _NpzStreamWriter:
 
 
 def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=256, limit=None, seed=0,
-         progress=None, remove_top=0.0) -> dict:
+         progress=None, remove_top=0.0, suspect_top=0.0) -> dict:
     """Score every sample of ``dataset`` (streamed), write a CSV report and optionally the sanitised set.
 
     CSV columns: ``id, label, score, flagged``. Unreadable items are listed in the summary's
@@ -191,7 +191,10 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
     operating point for training sets, where losing a few percent of clean images costs little
     (:func:`tfbackdoor.metrics.top_threshold`). It needs every score before the first verdict, so
     the set is scored twice (a first pass keeps only the scores); the summary's ``threshold`` is
-    then the effective one and ``detector_threshold`` the model's.
+    then the effective one and ``detector_threshold`` the model's. ``suspect_top`` (percent): in
+    each label whose flag rate stands out (a dirty-label target), also flag that share of its
+    highest-scoring samples; the summary lists them in ``suspect_labels`` with their thresholds
+    (:func:`tfbackdoor.metrics.screen_thresholds`).
     """
     spec = spec_of(model)
     thr = spec.threshold if threshold is None else threshold
@@ -199,10 +202,12 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
         raise TfbdError(f"--write-clean must be npz:PATH (got '{write_clean}')")
     ds = data_mod.load(dataset, image_size=spec.image_size, with_ids=True, limit=limit, seed=seed)
     score_fn = _score_fn(model)
-    base_thr = thr
-    if remove_top:
-        first = [score_fn(bx).numpy() for bx, _by, _bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator()]
-        thr = metrics.top_threshold(np.concatenate(first) if first else np.zeros(0), thr, remove_top)
+    base_thr, by_label = thr, {}
+    if remove_top or suspect_top:
+        first = [(score_fn(bx).numpy(), by) for bx, by, _bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator()]
+        s_all = np.concatenate([f[0] for f in first]) if first else np.zeros(0, np.float32)
+        y_all = np.concatenate([f[1] for f in first]) if first else np.zeros(0, np.int64)
+        thr, by_label = metrics.screen_thresholds(s_all, y_all, thr, remove_top, suspect_top)
     writer_npz = _NpzStreamWriter(str(write_clean)[4:], (spec.image_size, spec.image_size, 3)) if write_clean else None
     n = flagged = 0
     seen, skipped = [], []
@@ -214,7 +219,7 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
         w.writerow(["id", "label", "score", "flagged"])
         for bx, by, bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
             s = score_fn(bx).numpy()
-            flags = metrics.flagged(s, thr)
+            flags = metrics.flagged(s, metrics.thresholds_for(by, thr, by_label) if by_label else thr)
             ids = [i.decode() for i in bi]
             seen.extend(ids)
             for i, lab, sc, fl in zip(ids, by, s, flags):
@@ -234,4 +239,6 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
     return {"dataset": dataset, "n": n, "flagged": flagged, "flagged_pct": round(100.0 * flagged / max(n, 1), 2),
             "threshold": thr, "skipped": [s[0] for s in skipped], "report": str(out_csv),
             "clean_written": int(n - flagged) if write_clean else None,
-            **({"remove_top": remove_top, "detector_threshold": base_thr} if remove_top else {})}
+            **({"remove_top": remove_top, "detector_threshold": base_thr} if remove_top or suspect_top else {}),
+            **({"suspect_top": suspect_top, "suspect_labels": {str(k): v for k, v in sorted(by_label.items())}}
+               if suspect_top else {})}
