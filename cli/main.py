@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from tfbackdoor.specs import ARCH_NAMES   # TF-free
+from tfbackdoor.specs import ARCH_NAMES, EXPORT_FOLDS, QUANTIZE_MODES   # TF-free
 
 _TF_LOG_PRESET = "TF_CPP_MIN_LOG_LEVEL" in os.environ   # a user's own setting wins over --verbose
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -533,13 +533,13 @@ def shard(dataset, out, shards, image_size, limit, seed):
 @main.command("export")
 @click.option("--detector", "detector_path", type=click.Path(), default=None, help="Detector .keras (default: shipped).")
 @click.option("--out", type=click.Path(), required=True, help="Screener .tflite (a sidecar OUT.json is written beside it).")
-@click.option("--quantize", type=click.Choice(["int8", "float16", "float32", "int16x8"]), default="int8", show_default=True,
+@click.option("--quantize", type=click.Choice(list(QUANTIZE_MODES)), default="int8", show_default=True,
               help="int8: full-integer (uint8 input, calibrated); float16: float16 weights; float32: no quantization; "
                    "int16x8: int16 activations (most faithful, but reference kernels: ~30x slower).")
 @click.option("--calibration", default="cifar10:train+gtsrb:train", show_default=True,
               help="Clean images for int8 calibration (manipulated and triggered copies are added).")
 @click.option("--calibration-size", type=int, default=300, show_default=True, help="Clean calibration images per spec part.")
-@click.option("--fold", type=click.Choice(["auto", "fc", "basis", "separable", "none"]), default="auto", show_default=True,
+@click.option("--fold", type=click.Choice(list(EXPORT_FOLDS)), default="auto", show_default=True,
               help="How the DCT and input normalization become TFLite ops (auto: fc for int8 up to 32x32 px, "
                    "basis above: small DCT basis matmuls in both orders + per-frequency scales; none for float).")
 @click.option("--clip", type=float, default=None,

@@ -69,6 +69,9 @@ def test_specs_agree_with_the_loaders(tmp_path):
     from tfbackdoor import models
 
     assert specs.ARCH_NAMES == tuple(models.ARCHS)
+    from tfbackdoor import export
+
+    assert specs.QUANTIZE_MODES == export.QUANTIZE_MODES and specs.EXPORT_FOLDS == export.FOLDS
     assert specs.ZOO_NAME_FORMS == zoo.NAME_FORMS
     assert {k: tuple(v) for k, v in zoo.GROUPS.items()} == {k: specs.ATTACK_GROUPS[k] for k in zoo.GROUPS}
     for name in ["nope", "badnetz+jpeg75", "lf:x", "wanet:1.5", "smooth:/no.npy", "file:/no.png", " Badnets"]:

@@ -40,6 +40,11 @@ SPEC_FORMS = ("npz:PATH", "dir:PATH", "tfds:NAME[:SPLIT]", "crops:PATH[:N]")
 # checks they agree).
 ARCH_NAMES = ("cnn6", "large", "edge")
 
+# tfbackdoor.export's QUANTIZE_MODES and FOLDS, for `tfbd export`'s choices without importing TensorFlow
+# (copies: tests/test_startup.py checks they agree).
+QUANTIZE_MODES = ("int8", "int16x8", "float16", "float32")
+EXPORT_FOLDS = ("auto", "fc", "basis", "separable", "none")
+
 # Attack names accepted by tfbackdoor.triggers.get / expand and tfbackdoor.triggers.zoo.get (a copy:
 # tests/test_startup.py checks it equals triggers.available(), the groups and zoo.NAME_FORMS).
 PAPER_DETECTOR_ATTACKS = ("badnets", "trojan_wm", "trojan_sq", "blend", "nature", "l2_inv", "l0_inv")
