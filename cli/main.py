@@ -813,12 +813,13 @@ def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, thre
            limits=[(limit, "--limit"), (test_limit, "--test-limit"), (epochs, "--epochs")],
            outs=[(out_dir, "--out-dir", "dir"), (out, "--out")])
     _quiet_tf()
-    from tfbackdoor import atomic, data, defend, detector
+    from tfbackdoor import atomic, defend, detector
 
     det = detector.load(detector_path)
     size = detector.spec_of(det).image_size
-    x, y = data.load_arrays(dataset, image_size=size, limit=limit, seed=seed)
-    test = data.load_arrays(test_dataset, image_size=size, limit=test_limit, seed=seed)
+    # The screen is an evaluation of the detector: the images it was fine-tuned or calibrated on are left out.
+    x, y = detector.load_eval_images(det, dataset, limit=limit, seed=seed, with_labels=True)
+    test = detector.load_eval_images(det, test_dataset, limit=test_limit, seed=seed, with_labels=True)
     rows = defend.defend(x, y, test, [a for a in attacks.split(",") if a.strip()], det, out_dir, rate=rate,
                          target=target, threshold=threshold, remove_top=remove_top, suspect_top=suspect_top, epochs=epochs, width=width,
                          seed=seed, echo=click.echo, clean_reference=not no_clean_reference)

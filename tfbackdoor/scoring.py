@@ -64,21 +64,24 @@ def score(model, images, batch_size=256) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
-def load_eval_images(model, dataset, limit=None, seed=0, also=()):
+def load_eval_images(model, dataset, limit=None, seed=0, also=(), with_labels=False):
     """``limit`` seeded images of ``dataset`` at the detector's size that it was not fine-tuned or
     calibrated on (numpy; fewer only when the dataset has fewer left). ``also``: more detectors
-    whose fine-tune samples are left out too, so several models are compared on the same images."""
+    whose fine-tune samples are left out too, so several models are compared on the same images.
+    ``with_labels``: return ``(x, y)``."""
     spec = spec_of(model)
     excluded = set(excluded_ids(model, dataset)).union(*[excluded_ids(m, dataset) for m in also])
     # The seeded subset is prefix-stable, so asking for len(excluded) more and dropping the
     # excluded ones keeps the same images a model without exclusions is evaluated on, plus more.
     more = None if limit is None else limit + len(excluded)
     ds = data_mod.load(dataset, image_size=spec.image_size, with_ids=True, limit=more, seed=seed)
-    x, _, ids = data_mod.materialize(ds, dataset)
+    x, y, ids = data_mod.materialize(ds, dataset)
     if excluded:
         keep = np.asarray([relative_id(dataset, i) not in excluded for i in ids])
-        x = x[keep]
-    return x if limit is None else x[:limit]
+        x, y = x[keep], y[keep]
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    return (x, y) if with_labels else x
 
 
 def evaluate_images(model, x, attacks, threshold=None, benign_variants=(), at_fpr=None) -> list:
