@@ -448,6 +448,9 @@ def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alp
 @click.option("--suspect-top", type=float, default=0.0, show_default=True, metavar="PCT",
               help="In each label whose flag rate stands out (a dirty-label target), also flag the PCT % of its "
                    "samples that score highest.")
+@click.option("--signature", "use_signature", is_flag=True,
+              help="With --suspect-top: also find suspect labels by their label signature (the samples of a label "
+                   "that share one pattern, in the DCT domain) and rank their samples by it (tfbackdoor.signature).")
 @click.option("--limit", type=int, default=None, help="Scan only a seeded random subset of N samples (with --seed).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--runner", type=click.Choice(["direct", "dataflow", "flink", "spark"]), default=None,
@@ -459,7 +462,8 @@ def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alp
               help="With --runner: a Beam pipeline option, e.g. project=P, region=R, temp_location=gs://B/tmp, "
                    "flink_master=HOST:8081 (repeatable).")
 @handle_errors
-def scan(detector_path, dataset, out, threshold, write_clean, remove_top, suspect_top, limit, seed, runner, num_workers, beam_options):
+def scan(detector_path, dataset, out, threshold, write_clean, remove_top, suspect_top, use_signature, limit, seed, runner,
+         num_workers, beam_options):
     """Score every sample of a dataset, flag suspects, optionally write the sanitised set."""
     from tfbackdoor.errors import TfbdError
 
@@ -469,6 +473,8 @@ def scan(detector_path, dataset, out, threshold, write_clean, remove_top, suspec
         if runner is not None and pct:
             raise TfbdError(f"{name} needs every score before the first verdict: run it without --runner "
                             "(or pass --threshold from a first scan's report)")
+    if use_signature and not suspect_top:
+        raise TfbdError("--signature ranks the samples of suspect labels: give --suspect-top PCT too")
     if runner is None and (num_workers is not None or beam_options):
         raise TfbdError("--num-workers and --beam-option need --runner")
     if runner is None and write_clean is not None and not str(write_clean).startswith("npz:"):
@@ -499,7 +505,7 @@ def scan(detector_path, dataset, out, threshold, write_clean, remove_top, suspec
     model = detector.load(detector_path)
     # Skipped items are printed as they are met, one line each with the reason (handle_errors).
     summary = detector.scan(model, dataset, out, threshold, write_clean, limit=limit, seed=seed, remove_top=remove_top,
-                           suspect_top=suspect_top)
+                           suspect_top=suspect_top, use_signature=use_signature)
     click.echo(json.dumps(summary))
 
 
@@ -796,6 +802,11 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
 @click.option("--suspect-top", type=float, default=0.0, show_default=True, metavar="PCT",
               help="In each label whose flag rate stands out (a dirty-label target), also remove the PCT % of its "
                    "samples that score highest.")
+@click.option("--signature", "use_signature", is_flag=True,
+              help="With --suspect-top: also find suspect labels by their label signature (the samples of a label "
+                   "that share one pattern, in the DCT domain) and rank their samples by it (tfbackdoor.signature).")
+@click.option("--scan-only", is_flag=True,
+              help="Only poison and screen: the scan's recall, precision and clean images removed per attack, no victims.")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Victim epochs (the same for every victim).")
 @click.option("--width", type=int, default=32, show_default=True, help="Victim width.")
 @click.option("--limit", type=int, default=None, help="Seeded subset of the training set.")
@@ -806,12 +817,16 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--out", type=click.Path(), default=None, help="Also write the JSON rows to this file.")
 @handle_errors
-def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, threshold, remove_top, suspect_top, epochs, width, limit,
-               test_limit, no_clean_reference, out_dir, seed, as_json, out):
+def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, threshold, remove_top, suspect_top, use_signature,
+               scan_only, epochs, width, limit, test_limit, no_clean_reference, out_dir, seed, as_json, out):
     """Poison -> scan -> train on what is left -> attack-eval, for each attack; one table."""
     _check([dataset, test_dataset], triggers=attacks.split(","), files=[(detector_path, "detector file")],
            limits=[(limit, "--limit"), (test_limit, "--test-limit"), (epochs, "--epochs")],
            outs=[(out_dir, "--out-dir", "dir"), (out, "--out")])
+    if use_signature and not suspect_top:
+        from tfbackdoor.errors import TfbdError
+
+        raise TfbdError("--signature ranks the samples of suspect labels: give --suspect-top PCT too")
     _quiet_tf()
     from tfbackdoor import atomic, defend, detector
 
@@ -821,7 +836,8 @@ def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, thre
     x, y = detector.load_eval_images(det, dataset, limit=limit, seed=seed, with_labels=True)
     test = detector.load_eval_images(det, test_dataset, limit=test_limit, seed=seed, with_labels=True)
     rows = defend.defend(x, y, test, [a for a in attacks.split(",") if a.strip()], det, out_dir, rate=rate,
-                         target=target, threshold=threshold, remove_top=remove_top, suspect_top=suspect_top, epochs=epochs, width=width,
+                         target=target, threshold=threshold, remove_top=remove_top, suspect_top=suspect_top,
+                         use_signature=use_signature, scan_only=scan_only, epochs=epochs, width=width,
                          seed=seed, echo=click.echo, clean_reference=not no_clean_reference)
     if out:
         atomic.write_json({"command": "tfbd " + " ".join(sys.argv[1:]), "rows": rows}, out)

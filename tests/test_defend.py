@@ -29,7 +29,7 @@ def test_top_threshold_keeps_saturated_ties_together():
 
 
 def test_suspect_top_cuts_deeper_in_the_label_the_flags_single_out():
-    from tfbackdoor import metrics
+    from tfbackdoor import metrics, signature
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(10), 100)
     scores = rng.uniform(0, 0.5, 1000)
@@ -40,8 +40,8 @@ def test_suspect_top_cuts_deeper_in_the_label_the_flags_single_out():
     flags = defend.screen_flags(scores, 0.8, labels=labels, suspect_top=60)
     assert flags[600:660].all()                       # the missed poisons go too: top 60 of label 6
     assert flags.sum() == 2 + 60 and flags[:2].all()  # no other label is cut deeper
-    thr, by_label = metrics.screen_thresholds(scores, labels, 0.8, suspect_top=60)
-    assert thr == 0.8 and list(by_label) == [6] and by_label[6] < 0.6
+    _, info = signature.screen(scores, labels, 0.8, suspect_top=60)
+    assert info["suspect_labels"] == [6] and info["signature"] is None
 
 
 def test_defend_command_runs_the_loop(tmp_path, data_dir):

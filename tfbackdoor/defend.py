@@ -8,8 +8,8 @@ For each attack :func:`defend` runs
    threshold (the detector's own, or ``threshold``); ``remove_top`` additionally drops that share
    of the highest-scoring samples (a stricter operating point for training-set screening, where
    losing a few percent of clean images costs little), and ``suspect_top`` drops that share of
-   the highest-scoring samples of each label whose flag rate stands out (the dirty-label target,
-   :func:`tfbackdoor.metrics.screen_thresholds`); the scan's recall and precision on the
+   the highest-scoring samples of each label whose flag rate stands out (the dirty-label target),
+   ranked by the label's signature with ``use_signature`` (:func:`tfbackdoor.signature.screen`); the scan's recall and precision on the
    known poisoned samples and the share of clean samples removed;
 3. :func:`tfbackdoor.victim.train_victim` on the kept samples;
 4. :func:`tfbackdoor.victim.attack_eval` on the test set: clean ACC and ASR, plain and behind
@@ -27,16 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from . import detector as detector_mod
-from . import metrics, victim
+from . import metrics, signature, victim
 
 
-def screen_flags(scores, threshold, remove_top=0.0, labels=None, suspect_top=0.0) -> np.ndarray:
-    """Boolean flags: ``scores > threshold``, plus the top ``remove_top`` percent of the scores, plus
-    the top ``suspect_top`` percent of each suspect label's samples
-    (:func:`tfbackdoor.metrics.screen_thresholds`, the rule ``tfbd scan`` uses)."""
-    scores = np.asarray(scores)
-    thr, by_label = metrics.screen_thresholds(scores, labels, threshold, remove_top, suspect_top)
-    return metrics.flagged(scores, metrics.thresholds_for(labels, thr, by_label) if by_label else thr)
+def screen_flags(scores, threshold, remove_top=0.0, labels=None, suspect_top=0.0, feats=None) -> np.ndarray:
+    """Boolean flags of the training-set screen (:func:`tfbackdoor.signature.screen`, the rule ``tfbd scan``
+    uses): ``scores > threshold``, plus the top ``remove_top`` percent of the scores, plus the top
+    ``suspect_top`` percent of each suspect label's samples (ranked by the label signature with
+    ``feats``, else by score)."""
+    return signature.screen(scores, labels, threshold, remove_top, suspect_top, feats)[0]
 
 
 def scan_report(flags, poisoned_idx) -> dict:
@@ -52,7 +51,7 @@ def scan_report(flags, poisoned_idx) -> dict:
 
 
 def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold=None, remove_top=0.0,
-           suspect_top=0.0, epochs=10, width=32, batch_size=128, seed=0, echo=print, clean_reference=True) -> list:
+           suspect_top=0.0, use_signature=False, scan_only=False, epochs=10, width=32, batch_size=128, seed=0, echo=print, clean_reference=True) -> list:
     """Run poison -> screen -> train -> attack-eval for each attack; returns one row per attack.
 
     Args:
@@ -66,6 +65,9 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
       remove_top: also remove this percentage of the highest-scoring samples.
       suspect_top: in each label whose flag rate stands out (a dirty-label target), also remove
         this percentage of that label's highest-scoring samples.
+      use_signature: find suspect labels and rank their samples with label signatures
+        (:mod:`tfbackdoor.signature`) as well as with the detector.
+      scan_only: stop after the screen (rows without victims: recall, precision, clean removed).
       epochs, width, batch_size: the victims' training budget (the same for every victim).
       clean_reference: also train a victim on the clean set (its ACC is the reference).
     """
@@ -78,7 +80,7 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
     det_screen = lambda imgs: detector_mod.score(detector, imgs) > detector_mod.spec_of(detector).threshold  # noqa: E731
     common = dict(epochs=epochs, batch_size=batch_size, seed=seed, width=width, echo=None)
     ref_acc = None
-    if clean_reference:
+    if clean_reference and not scan_only:
         path = out_dir / "victim_clean.keras"
         echo(f"clean reference victim -> {path}")
         model, _ = victim.train_victim(x, y, path, **common)
@@ -88,10 +90,19 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
     for trig in trigs:
         x_p, y_p, idx = victim.poison(x, y, trig, rate, target, seed)
         scores = np.asarray(detector_mod.score(detector, x_p))
-        flags = screen_flags(scores, thr, remove_top, y_p, suspect_top)
+        feats = signature.features(x_p) if use_signature and suspect_top else None
+        flags, info = signature.screen(scores, y_p, thr, remove_top, suspect_top, feats)
         report = scan_report(flags, idx)
-        report["suspect_labels"] = sorted(metrics.screen_thresholds(scores, y_p, thr, remove_top, suspect_top)[1])
+        report["suspect_labels"] = info["suspect_labels"]
         keep = ~flags
+        if scan_only:
+            echo(f"{trig.name}: scan flagged {report['n_flagged']} of {len(x_p)} (recall {report['recall']:.2f}%, "
+                 f"precision {report['precision']:.2f}%, clean removed {report['clean_removed']:.2f}%, "
+                 f"suspect labels {report['suspect_labels']})")
+            rows.append({"attack": trig.name, "target": int(target), "n_kept": int((~flags).sum()),
+                         **{k: report[k] for k in ("recall", "precision", "clean_removed", "n_poisoned_kept",
+                                                   "suspect_labels")}})
+            continue
         safe = trig.name.replace("/", "_").replace(":", "_")
         path = out_dir / f"victim_{safe}.keras"
         echo(f"{trig.name}: scan removed {report['n_flagged']} of {len(x_p)} (recall {report['recall']:.2f}%, "
@@ -100,7 +111,8 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
         model, _ = victim.train_victim(x_p[keep], y_p[keep], path,
                                        info={"sanitised": {"attack": trig.name, "target": int(target), "rate": rate,
                                                            "threshold": thr, "remove_top": remove_top,
-                                                           "suspect_top": suspect_top, **report}},
+                                                           "suspect_top": suspect_top, "signature": bool(use_signature),
+                                                           **report}},
                                        **common)
         ev = victim.attack_eval(model, x_test, y_test, trig, target, screen=det_screen)
         row = {"attack": trig.name, **{k: report[k] for k in ("recall", "precision", "clean_removed", "n_poisoned_kept", "suspect_labels")},

@@ -67,34 +67,6 @@ def suspect_labels(flags, labels) -> list:
     return sorted(int(v) for v, r in rates.items() if r >= max(SUSPECT_MIN_RATE, SUSPECT_FACTOR * med))
 
 
-def screen_thresholds(scores, labels, threshold, remove_top=0.0, suspect_top=0.0):
-    """The training-set screen's thresholds: ``(global, {label: threshold})``.
-
-    ``global`` is :func:`top_threshold` (the plain threshold, or stricter with ``remove_top``). With
-    ``suspect_top`` (percent), each :func:`suspect_labels` label (by the global verdicts) gets its
-    own threshold that also flags that share of *its* highest-scoring samples: dirty-label poisons
-    all carry the target label, so once the flags single it out, the poisons the threshold missed
-    compete there with that label's clean samples only, not with the whole set's.
-    A sample is flagged when its score is above its label's threshold (or the global one).
-    """
-    scores = np.asarray(scores)
-    thr = top_threshold(scores, threshold, remove_top)
-    if not suspect_top or labels is None:
-        return thr, {}
-    labels = np.asarray(labels)
-    return thr, {lab: top_threshold(scores[labels == lab], thr, suspect_top)
-                 for lab in suspect_labels(flagged(scores, thr), labels)}
-
-
-def thresholds_for(labels, threshold, by_label) -> np.ndarray:
-    """Per-sample thresholds from :func:`screen_thresholds`' result."""
-    labels = np.asarray(labels)
-    out = np.full(labels.shape, float(threshold))
-    for lab, t in by_label.items():
-        out[labels == lab] = t
-    return out
-
-
 def auroc(clean_scores, poisoned_scores) -> float:
     """AUROC (percent) via the Mann-Whitney U statistic, ties counted half."""
     c = np.asarray(clean_scores, np.float64)

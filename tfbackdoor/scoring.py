@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import data as data_mod
-from . import metrics, perturb, triggers
+from . import metrics, perturb, signature, triggers
 from .atomic import atomic_path, atomic_paths
 from .errors import TfbdError
 from .frequency import dct2d
@@ -184,7 +184,7 @@ class _NpzStreamWriter:
 
 
 def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=256, limit=None, seed=0,
-         progress=None, remove_top=0.0, suspect_top=0.0) -> dict:
+         progress=None, remove_top=0.0, suspect_top=0.0, use_signature=False) -> dict:
     """Score every sample of ``dataset`` (streamed), write a CSV report and optionally the sanitised set.
 
     CSV columns: ``id, label, score, flagged``. Unreadable items are listed in the summary's
@@ -196,8 +196,9 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
     the set is scored twice (a first pass keeps only the scores); the summary's ``threshold`` is
     then the effective one and ``detector_threshold`` the model's. ``suspect_top`` (percent): in
     each label whose flag rate stands out (a dirty-label target), also flag that share of its
-    highest-scoring samples; the summary lists them in ``suspect_labels`` with their thresholds
-    (:func:`tfbackdoor.metrics.screen_thresholds`).
+    highest-scoring samples; ``use_signature`` also finds suspect labels by their label signature and
+    ranks their samples by it (:func:`tfbackdoor.signature.screen`); the summary lists the labels
+    in ``suspect_labels`` (and the signatures' strengths in ``signature``).
     """
     spec = spec_of(model)
     thr = spec.threshold if threshold is None else threshold
@@ -205,12 +206,20 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
         raise TfbdError(f"--write-clean must be npz:PATH (got '{write_clean}')")
     ds = data_mod.load(dataset, image_size=spec.image_size, with_ids=True, limit=limit, seed=seed)
     score_fn = _score_fn(model)
-    base_thr, by_label = thr, {}
+    base_thr, preset, info = thr, None, None
     if remove_top or suspect_top:
-        first = [(score_fn(bx).numpy(), by) for bx, by, _bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator()]
-        s_all = np.concatenate([f[0] for f in first]) if first else np.zeros(0, np.float32)
-        y_all = np.concatenate([f[1] for f in first]) if first else np.zeros(0, np.int64)
-        thr, by_label = metrics.screen_thresholds(s_all, y_all, thr, remove_top, suspect_top)
+        # A first pass keeps the scores (and, for label signatures, the DCT features), then the screen
+        # decides every verdict at once; the second pass writes them in the same (seeded) order.
+        parts = []
+        for bx, by, bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
+            parts.append((score_fn(bx).numpy(), by, [i.decode() for i in bi],
+                          signature.features(bx) if use_signature and suspect_top else None))
+        s_all = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.float32)
+        y_all = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+        ids_all = [i for p in parts for i in p[2]]
+        feats = np.concatenate([p[3] for p in parts]) if parts and parts[0][3] is not None else None
+        preset, info = signature.screen(s_all, y_all, thr, remove_top, suspect_top, feats)
+        thr = info["threshold"]
     writer_npz = _NpzStreamWriter(str(write_clean)[4:], (spec.image_size, spec.image_size, 3)) if write_clean else None
     n = flagged = 0
     seen, skipped = [], []
@@ -222,8 +231,14 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
         w.writerow(["id", "label", "score", "flagged"])
         for bx, by, bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
             s = score_fn(bx).numpy()
-            flags = metrics.flagged(s, metrics.thresholds_for(by, thr, by_label) if by_label else thr)
             ids = [i.decode() for i in bi]
+            if preset is None:
+                flags = metrics.flagged(s, thr)
+            else:
+                if ids != ids_all[n:n + len(ids)]:
+                    raise TfbdError(f"{dataset}: the samples came in a different order on the second pass; "
+                                    "--remove-top/--suspect-top need a stable order")
+                flags = preset[n:n + len(ids)]
             seen.extend(ids)
             for i, lab, sc, fl in zip(ids, by, s, flags):
                 w.writerow([i, int(lab), f"{sc:.6f}", int(fl)])
@@ -243,5 +258,5 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
             "threshold": thr, "skipped": [s[0] for s in skipped], "report": str(out_csv),
             "clean_written": int(n - flagged) if write_clean else None,
             **({"remove_top": remove_top, "detector_threshold": base_thr} if remove_top or suspect_top else {}),
-            **({"suspect_top": suspect_top, "suspect_labels": {str(k): v for k, v in sorted(by_label.items())}}
+            **({"suspect_top": suspect_top, "suspect_labels": info["suspect_labels"], "signature": info["signature"]}
                if suspect_top else {})}

@@ -1,0 +1,65 @@
+"""Label signatures (tfbackdoor.signature): on real CIFAR-10 images, a 10%-poisoned label stands
+out and its poisons rank first; a clean set has no suspect label."""
+
+import numpy as np
+import pytest
+
+from tfbackdoor import signature, victim
+
+
+@pytest.fixture(scope="module")
+def cifar(data_dir):
+    from tfbackdoor import data
+
+    # Enough samples per label for 768 features (a label of 300 sits near the noise floor of its own
+    # covariance estimate: BENCHMARKS "End-to-end defense").
+    return data.load_arrays("cifar10:train", limit=20000, seed=0)
+
+
+def _auroc(proj, is_poison):
+    from tfbackdoor import metrics
+
+    return metrics.auroc(proj[~is_poison], proj[is_poison])
+
+
+@pytest.mark.parametrize("attack", ["sig", "lf"])
+def test_a_low_frequency_trigger_the_detector_misses_is_found_by_its_label_signature(cifar, attack):
+    """SIG and LF change every poisoned image the same smooth way: no per-image detector flag is
+    needed; the target label's signature stands out and puts its poisons first."""
+    x, y = cifar
+    xp, yp, idx = victim.poison(x, y, victim.resolve_trigger(attack, 32), 0.1, 3, seed=0)
+    feats = signature.features(xp, k=16)
+    assert feats.shape == (len(xp), 16 * 16 * 3) and feats.dtype == np.float32
+    sigs = signature.label_signatures(feats, yp)                 # no detector flags at all
+    assert signature.suspect_by_signature(sigs) == [3]
+    sel = yp == 3
+    is_p = np.isin(np.flatnonzero(sel), idx)
+    assert sigs[3]["method"] == "principal" and _auroc(sigs[3]["projection"], is_p) > 97
+    flags, info = signature.screen(np.zeros(len(xp)), yp, 0.5, suspect_top=60, feats=feats)
+    assert info["suspect_labels"] == [3] and flags[idx].mean() > 0.97
+    assert flags[~sel].sum() == 0                                # nothing outside the suspect label
+
+
+def test_the_detectors_flags_teach_the_discriminant(cifar):
+    """With some poisons flagged by a detector, the label's direction is the discriminant between
+    flagged and unflagged samples, and it ranks the poisons the detector missed above clean ones."""
+    x, y = cifar
+    xp, yp, idx = victim.poison(x, y, victim.resolve_trigger("badnets3", 32), 0.1, 3, seed=0)
+    flags = np.zeros(len(xp), bool)
+    flags[idx[: len(idx) // 2]] = True                           # a detector that caught half of them
+    sigs = signature.label_signatures(signature.features(xp, k=16), yp, flags)
+    assert sigs[3]["method"] == "discriminant"
+    sel = np.flatnonzero(yp == 3)
+    missed = np.isin(sel, idx[len(idx) // 2:])
+    clean = ~np.isin(sel, idx)
+    proj = sigs[3]["projection"]
+    assert _auroc(np.concatenate([proj[clean], proj[missed]]), np.r_[np.zeros(clean.sum(), bool), np.ones(missed.sum(), bool)]) > 90
+
+
+def test_a_clean_set_has_no_suspect_label(cifar):
+    x, y = cifar
+    feats = signature.features(x, k=16)
+    flags, info = signature.screen(np.zeros(len(x)), y, 0.5, suspect_top=60, feats=feats)
+    assert info["suspect_labels"] == [] and not flags.any()
+    lams = [v["lambda"] for v in info["signature"].values()]
+    assert max(lams) < signature.FACTOR * np.median(lams) / 1.5     # clean labels stay well below the bar

@@ -1,0 +1,180 @@
+"""Label signatures: a training-set screen that looks at all the samples of a label together.
+
+A per-image detector judges each image alone, and triggers that only shift an image's low
+frequencies (SIG, low-frequency, smooth triggers) look natural one at a time. In a dirty-label
+poisoned training set they are not alone: every poisoned sample carries the same pattern and
+the target label, so inside that label the poisons form a second cluster, apart from the clean
+samples along one direction (the spectral-signature idea of Tran et al., NeurIPS 2018, here on
+the inputs' DCT coefficients rather than on a victim's features, so no victim is needed).
+
+:func:`label_signatures` finds, for each label,
+
+* the **direction**: where the detector already flagged enough of the label's samples, the linear
+  discriminant between its flagged and unflagged samples, ``w = C^-1 (mean_flagged -
+  mean_unflagged)`` (the detector's confident catches teach what the trigger adds, and the
+  poisons it missed share it); elsewhere the label's top principal direction after whitening
+  by ``C``, pointed away from the other labels' samples (poisons carry a pattern the rest of the
+  set does not);
+* the **strength**: the variance along the label's top whitened direction, ``lambda``, in units of
+  the largest variance pure noise would reach with that many samples and features (the
+  Marchenko-Pastur edge); a label whose ``lambda`` is at least ``FACTOR`` times the median label's
+  is suspect on its own. On 20,000 CIFAR-10 training images (``k = 16``, 10% poisoned, the
+  setting of ``tests/test_signature.py``) the clean labels lie at 1.1-4.8 (median ~2.2), the
+  target label at 42 with SIG and 11 with LF; the smooth trigger's label stays at 3.0, and is
+  found through the detector's flags instead.
+
+``C`` is the pooled within-label covariance of the DCT coefficients of the unflagged samples of
+the *other* labels (each label centred on its own mean), with a small ridge. The DCT is orthonormal, so with all
+coefficients this equals the same analysis on pixels; ``k`` keeps the ``k x k`` lowest
+frequencies of each channel to bound the cost on large images (``3 k^2`` features).
+
+Everything here is numpy linear algebra on ``(N, 3 k^2)`` features, written by hand because no
+library offers a supervised/unsupervised per-group projection like this; it costs one pass
+over the features and one ``3k^2 x 3k^2`` solve per examined label.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.sparse.linalg import svds
+
+from . import metrics
+from .errors import TfbdError
+
+# A label is suspect on its own when its top whitened variance is >= FACTOR x the median label's.
+FACTOR = 4.0
+# The discriminant needs this many flagged (and unflagged) samples in the label; fewer: the principal direction.
+MIN_FLAGGED = 20
+RIDGE = 1e-3
+
+
+def features(images, k: int = 32) -> np.ndarray:
+    """``(N, 3 k^2)`` float32: the ``k x k`` lowest orthonormal DCT coefficients of each channel (pixels 0..1)."""
+    from .frequency import dct2d
+
+    x = np.asarray(images)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise TfbdError(f"signature features need (N, H, W, 3) images, got {x.shape}")
+    k = min(int(k), x.shape[1], x.shape[2])
+    f = dct2d(x.astype(np.float32) / 255.0).numpy()[:, :k, :k, :]
+    return f.reshape(len(f), -1)
+
+
+def _scatters(feats, labels, use):
+    """Per-label scatter matrices ``{label: (S, n)}`` of the ``use`` samples, each centred on its label's mean."""
+    out = {}
+    for lab in np.unique(labels[use]):
+        z = feats[use & (labels == lab)].astype(np.float64)
+        z -= z.mean(0)
+        out[int(lab)] = (z.T @ z, len(z))
+    return out
+
+
+def _others_covariance(scatters, lab):
+    """The pooled within-label covariance of every label but ``lab`` (with a small ridge): the poisons of
+    ``lab`` must not whiten away their own pattern."""
+    dim = next(iter(scatters.values()))[0].shape[0]
+    cov = np.zeros((dim, dim))
+    n = 0
+    for other, (sc, m) in scatters.items():
+        if other != lab:
+            cov += sc
+            n += m
+    cov /= max(n - 1, 1)
+    return cov + RIDGE * np.trace(cov) / dim * np.eye(dim)
+
+
+def label_signatures(feats, labels, flags=None) -> dict:
+    """Per-label signature: ``{label: {"lambda", "direction", "projection", "method"}}``.
+
+    Args:
+      feats: ``(N, D)`` features (:func:`features`).
+      labels: ``(N,)`` int labels (``-1``: unlabelled, ignored).
+      flags: ``(N,)`` bool, the detector's verdicts (``None``: none).
+
+    ``projection`` is the ``(n_label,)`` score of the label's samples along its direction, larger
+    = more like the poisons; ``lambda`` the top whitened variance of the label.
+    """
+    feats = np.asarray(feats, np.float32)
+    labels = np.asarray(labels)
+    flags = np.zeros(len(labels), bool) if flags is None else np.asarray(flags, bool)
+    if len(feats) != len(labels) or len(flags) != len(labels):
+        raise TfbdError(f"features ({len(feats)}), labels ({len(labels)}) and flags ({len(flags)}) differ in length")
+    known = labels >= 0
+    scatters = _scatters(feats, labels, known & ~flags)
+    out = {}
+    for lab in np.unique(labels[known]):
+        cov = _others_covariance(scatters, int(lab))
+        evals, evecs = np.linalg.eigh(cov)
+        whiten = evecs / np.sqrt(np.maximum(evals, 1e-12))   # z = (x - m) @ whiten: identity covariance for clean data
+        sel = labels == lab
+        f = feats[sel].astype(np.float64)
+        fl = flags[sel]
+        z = (f - f.mean(0)) @ whiten
+        if min(z.shape) > 1:
+            _u, s, vt = svds(z, k=1, random_state=0)           # the top singular pair only (Lanczos)
+        else:
+            _u, s, vt = np.linalg.svd(z, full_matrices=False)
+        # relative to the top eigenvalue pure noise would reach with this many samples and features
+        # (the Marchenko-Pastur edge (1 + sqrt(D / n))^2), so that labels of different sizes compare
+        lam = float(s[0] ** 2 / max(len(z) - 1, 1)) / (1.0 + np.sqrt(z.shape[1] / len(z))) ** 2
+        if fl.sum() >= MIN_FLAGGED and (~fl).sum() >= MIN_FLAGGED:
+            w = np.linalg.solve(cov, f[fl].mean(0) - f[~fl].mean(0))
+            proj, method = (f - f[~fl].mean(0)) @ w, "discriminant"
+        else:
+            w = whiten @ vt[0]
+            proj = (f - f.mean(0)) @ w
+            others = (feats[known & ~sel].astype(np.float64) - f.mean(0)) @ w
+            # the label's mean sits between its clean and poisoned clusters; the other labels' samples,
+            # without the pattern, sit on the clean side: point the projection away from them
+            if others.size and np.mean(others) > 0:
+                proj = -proj
+            method = "principal"
+        out[int(lab)] = {"lambda": lam, "direction": w, "projection": proj, "method": method}
+    return out
+
+
+def suspect_by_signature(signatures) -> list:
+    """Labels whose top whitened variance is at least ``FACTOR`` times the median label's, sorted."""
+    lams = {lab: s["lambda"] for lab, s in signatures.items()}
+    if len(lams) < 2:
+        return []
+    med = float(np.median(list(lams.values())))
+    return sorted(lab for lab, v in lams.items() if v >= FACTOR * med)
+
+
+def screen(scores, labels, threshold, remove_top=0.0, suspect_top=0.0, feats=None):
+    """The training-set screen: ``(flags, info)`` for every sample.
+
+    1. ``scores > threshold``, plus the top ``remove_top`` percent of all scores;
+    2. suspect labels: those whose flag rate stands out (:func:`tfbackdoor.metrics.suspect_labels`)
+       and, with ``feats`` (:func:`features`), those whose signature does (:func:`suspect_by_signature`);
+    3. in each suspect label, also the ``suspect_top`` percent of its samples ranked highest: by the
+       label's signature projection when ``feats`` is given, else by the detector's score.
+
+    ``info``: ``{"threshold", "suspect_labels", "signature": {label: {"lambda", "method"}} | None}``.
+    """
+    scores = np.asarray(scores)
+    labels = None if labels is None else np.asarray(labels)
+    thr = metrics.top_threshold(scores, threshold, remove_top)
+    flags = metrics.flagged(scores, thr)
+    info = {"threshold": thr, "suspect_labels": [], "signature": None}
+    if not suspect_top or labels is None:
+        return flags, info
+    suspects = set(metrics.suspect_labels(flags, labels))
+    sigs = None
+    if feats is not None:
+        sigs = label_signatures(feats, labels, flags)
+        suspects |= set(suspect_by_signature(sigs))
+        info["signature"] = {lab: {"lambda": round(v["lambda"], 3), "method": v["method"]} for lab, v in sigs.items()}
+    out = flags.copy()
+    for lab in sorted(suspects):
+        idx = np.flatnonzero(labels == lab)
+        rank = sigs[lab]["projection"] if sigs is not None else scores[idx]
+        cut = metrics.top_threshold(rank, np.inf, suspect_top)
+        out[idx[metrics.flagged(np.asarray(rank), cut)]] = True
+    info["suspect_labels"] = sorted(int(v) for v in suspects)
+    return out, info
+
+
+__all__ = ["features", "label_signatures", "suspect_by_signature", "screen", "FACTOR", "MIN_FLAGGED"]
