@@ -845,7 +845,7 @@ def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, thre
         click.echo(json.dumps(rows, indent=2))
         return
     cols = ["recall", "precision", "clean_removed", "n_poisoned_kept", "suspect_labels", "acc", "acc_drop", "asr",
-            "asr_screened"]
+            "asr_clean_victim", "asr_screened"]
     click.echo("| attack | " + " | ".join(cols) + " |")
     click.echo("|---|" + "---|" * len(cols))
     for r in rows:

@@ -58,3 +58,19 @@ def test_defend_command_runs_the_loop(tmp_path, data_dir):
     # the shipped detector catches BadNets: most poisoned samples are removed before training
     assert b["recall"] > 50 and b["n_poisoned_kept"] < 20
     assert (tmp_path / "v" / "victim_badnets.keras").is_file() and "| badnets |" in res.output
+
+
+def test_defend_scan_only_screens_without_training(tmp_path, data_dir):
+    out = tmp_path / "rows.json"
+    res = CliRunner().invoke(main, ["defend", "--scan-only", "--dataset", "cifar10:lossless", "--attacks", "badnets",
+                                    "--limit", "600", "--test-limit", "10", "--target", "3", "--suspect-top", "50",
+                                    "--signature", "--out-dir", str(tmp_path / "v"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["attack"] for r in rows] == ["badnets"] and "acc" not in rows[0]
+    # the shipped detector flags most BadNets poisons, label 3 stands out, and half of it goes
+    assert rows[0]["suspect_labels"] == [3] and rows[0]["recall"] > 90
+    assert not list((tmp_path / "v").glob("*.keras"))
+    bad = CliRunner().invoke(main, ["defend", "--scan-only", "--attacks", "badnets", "--signature",
+                                    "--out-dir", str(tmp_path / "v")])
+    assert bad.exit_code != 0 and "--suspect-top" in bad.output
