@@ -434,6 +434,43 @@ def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alp
     _print_rows(rows, as_json)
 
 
+def _screen_options(verb, remove_note=""):
+    """The training-set screen's operating points, shared by ``scan`` (verb "flag") and ``defend``
+    ("remove"): --remove-top, --suspect-top, --signature (:func:`tfbackdoor.signature.screen`)."""
+    opts = [
+        click.option("--remove-top", type=float, default=0.0, show_default=True, metavar="PCT",
+                     help=f"Also {verb} the PCT % highest-scoring samples (a stricter operating point for "
+                          f"training sets{remove_note})."),
+        click.option("--suspect-top", type=float, default=0.0, show_default=True, metavar="PCT",
+                     help=f"In each label whose flag rate stands out (a dirty-label target), also {verb} the PCT % "
+                          "of its samples that score highest."),
+        click.option("--signature", "use_signature", is_flag=True,
+                     help="With --suspect-top: also find suspect labels by their label signature (the samples of a "
+                          "label that share one pattern, in the DCT domain) and rank their samples by it "
+                          "(tfbackdoor.signature)."),
+    ]
+
+    def deco(f):
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+    return deco
+
+
+def _check_screen(remove_top, suspect_top, use_signature, runner=None):
+    """One-line errors for the screen's options (before any work)."""
+    from tfbackdoor.errors import TfbdError
+
+    for name, pct in (("--remove-top", remove_top), ("--suspect-top", suspect_top)):
+        if not 0 <= pct < 100:
+            raise TfbdError(f"{name} must be in [0, 100) percent (got {pct})")
+        if runner is not None and pct:
+            raise TfbdError(f"{name} needs every score before the first verdict: run it without --runner "
+                            "(or pass --threshold from a first scan's report)")
+    if use_signature and not suspect_top:
+        raise TfbdError("--signature ranks the samples of suspect labels: give --suspect-top PCT too")
+
+
 @main.command()
 @click.option("--detector", "detector_path", type=click.Path(), default=None, help="Detector .keras (default: shipped).")
 @click.option("--dataset", required=True,
@@ -442,15 +479,7 @@ def evaluate(detector_path, reference, dataset, attacks, trigger_file, mask, alp
 @click.option("--threshold", type=float, default=None, help="Override the detector's threshold.")
 @click.option("--write-clean", default=None,
               help="npz:PATH to write the unflagged samples to (with --runner: tfrecord:PREFIX, sharded).")
-@click.option("--remove-top", type=float, default=0.0, show_default=True, metavar="PCT",
-              help="Also flag the PCT % highest-scoring samples (a stricter operating point for training sets; "
-                   "the set is scored twice).")
-@click.option("--suspect-top", type=float, default=0.0, show_default=True, metavar="PCT",
-              help="In each label whose flag rate stands out (a dirty-label target), also flag the PCT % of its "
-                   "samples that score highest.")
-@click.option("--signature", "use_signature", is_flag=True,
-              help="With --suspect-top: also find suspect labels by their label signature (the samples of a label "
-                   "that share one pattern, in the DCT domain) and rank their samples by it (tfbackdoor.signature).")
+@_screen_options("flag", "; the set is scored twice")
 @click.option("--limit", type=int, default=None, help="Scan only a seeded random subset of N samples (with --seed).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--runner", type=click.Choice(["direct", "dataflow", "flink", "spark"]), default=None,
@@ -467,14 +496,7 @@ def scan(detector_path, dataset, out, threshold, write_clean, remove_top, suspec
     """Score every sample of a dataset, flag suspects, optionally write the sanitised set."""
     from tfbackdoor.errors import TfbdError
 
-    for name, pct in (("--remove-top", remove_top), ("--suspect-top", suspect_top)):
-        if not 0 <= pct < 100:
-            raise TfbdError(f"{name} must be in [0, 100) percent (got {pct})")
-        if runner is not None and pct:
-            raise TfbdError(f"{name} needs every score before the first verdict: run it without --runner "
-                            "(or pass --threshold from a first scan's report)")
-    if use_signature and not suspect_top:
-        raise TfbdError("--signature ranks the samples of suspect labels: give --suspect-top PCT too")
+    _check_screen(remove_top, suspect_top, use_signature, runner)
     if runner is None and (num_workers is not None or beam_options):
         raise TfbdError("--num-workers and --beam-option need --runner")
     if runner is None and write_clean is not None and not str(write_clean).startswith("npz:"):
@@ -797,14 +819,7 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
 @click.option("--target", type=int, default=0, show_default=True, help="Backdoor target label.")
 @click.option("--detector", "detector_path", type=click.Path(), default=None, help="Detector .keras (default: shipped).")
 @click.option("--threshold", type=float, default=None, help="Screen threshold (default: the detector's).")
-@click.option("--remove-top", type=float, default=0.0, show_default=True, metavar="PCT",
-              help="Also remove the PCT % highest-scoring samples (a stricter operating point for training sets).")
-@click.option("--suspect-top", type=float, default=0.0, show_default=True, metavar="PCT",
-              help="In each label whose flag rate stands out (a dirty-label target), also remove the PCT % of its "
-                   "samples that score highest.")
-@click.option("--signature", "use_signature", is_flag=True,
-              help="With --suspect-top: also find suspect labels by their label signature (the samples of a label "
-                   "that share one pattern, in the DCT domain) and rank their samples by it (tfbackdoor.signature).")
+@_screen_options("remove")
 @click.option("--scan-only", is_flag=True,
               help="Only poison and screen: the scan's recall, precision and clean images removed per attack, no victims.")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Victim epochs (the same for every victim).")
@@ -823,10 +838,7 @@ def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, thre
     _check([dataset, test_dataset], triggers=attacks.split(","), files=[(detector_path, "detector file")],
            limits=[(limit, "--limit"), (test_limit, "--test-limit"), (epochs, "--epochs")],
            outs=[(out_dir, "--out-dir", "dir"), (out, "--out")])
-    if use_signature and not suspect_top:
-        from tfbackdoor.errors import TfbdError
-
-        raise TfbdError("--signature ranks the samples of suspect labels: give --suspect-top PCT too")
+    _check_screen(remove_top, suspect_top, use_signature)
     _quiet_tf()
     from tfbackdoor import atomic, defend, detector
 
