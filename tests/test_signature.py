@@ -38,6 +38,12 @@ def test_a_low_frequency_trigger_the_detector_misses_is_found_by_its_label_signa
     flags, info = signature.screen(np.zeros(len(xp)), yp, 0.5, suspect_top=60, feats=feats)
     assert info["suspect_labels"] == [3] and flags[idx].mean() > 0.97
     assert flags[~sel].sum() == 0                                # nothing outside the suspect label
+    # a detector's ordinary false positives (1.3% of every label, poisons included) must not steer
+    # the direction: label 3 is not singled out by them, so its principal direction is kept
+    noise = np.random.default_rng(1).random(len(xp)) < 0.013
+    flags, info = signature.screen(noise.astype(float), yp, 0.5, suspect_top=60, feats=feats)
+    assert info["suspect_labels"] == [3] and info["signature"][3]["method"] == "principal"
+    assert flags[idx].mean() > 0.97
 
 
 def test_the_detectors_flags_teach_the_discriminant(cifar):
