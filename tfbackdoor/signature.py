@@ -26,7 +26,10 @@ the inputs' DCT coefficients rather than on a victim's features, so no victim is
 ``C`` is the pooled within-label covariance of the DCT coefficients of the unflagged samples of
 the *other* labels (each label centred on its own mean), with a small ridge. The DCT is orthonormal, so with all
 coefficients this equals the same analysis on pixels; ``k`` keeps the ``k x k`` lowest
-frequencies of each channel to bound the cost on large images (``3 k^2`` features).
+frequencies of each channel (``3 k^2`` features). ``k = 16`` by default: on 20,000 CIFAR-10
+images all 32 x 32 coefficients (``k = 32``) hid the LF trigger's label (its strength is spread
+over 4x the features, and the noise edge grows with them) and cost ~8x more; ``k = 16`` finds it
+(BENCHMARKS "Issue 14, round 1").
 
 Everything here is numpy linear algebra on ``(N, 3 k^2)`` features, written by hand because no
 library offers a supervised/unsupervised per-group projection like this; it costs one pass
@@ -48,7 +51,7 @@ MIN_FLAGGED = 20
 RIDGE = 1e-3
 
 
-def features(images, k: int = 32) -> np.ndarray:
+def features(images, k: int = 16) -> np.ndarray:
     """``(N, 3 k^2)`` float32: the ``k x k`` lowest orthonormal DCT coefficients of each channel (pixels 0..1)."""
     from .frequency import dct2d
 
