@@ -284,7 +284,7 @@ def test_scan_remove_top_flags_the_highest_scores_too_and_writes_the_rest(tiny, 
                                   "--out", str(tmp_path / "s.csv"), "--suspect-top", "50"])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output.strip().splitlines()[-1])
-    assert summary["suspect_top"] == 50 and isinstance(summary["suspect_labels"], dict)
+    assert summary["suspect_top"] == 50 and isinstance(summary["suspect_labels"], list)
 
 
 def test_finetune_excludes_its_samples_from_evaluation(tiny, tmp_path):
