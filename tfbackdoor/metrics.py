@@ -50,7 +50,8 @@ def top_threshold(scores, threshold, remove_top=0.0) -> float:
 
 # A label is a dirty-label target suspect when its flag rate is at least SUSPECT_FACTOR times the
 # median label's and at least SUSPECT_MIN_RATE percent: on the 10%-poisoned CIFAR-10 sets of
-# BENCHMARKS "End-to-end defense" the target label's rate is 13-52% and every other label's <= 1.5%.
+# BENCHMARKS "Issue 14, round 1" this singles out the target label for the four attacks the
+# detector sees and no other label (the detector's ordinary false positives are ~1% per label).
 SUSPECT_FACTOR = 5.0
 SUSPECT_MIN_RATE = 5.0
 
