@@ -479,7 +479,7 @@ def _check_screen(remove_top, suspect_top, use_signature, runner=None):
 @click.option("--threshold", type=float, default=None, help="Override the detector's threshold.")
 @click.option("--write-clean", default=None,
               help="npz:PATH to write the unflagged samples to (with --runner: tfrecord:PREFIX, sharded).")
-@_screen_options("flag", "; the set is scored twice")
+@_screen_options("flag", "; the set is read twice")
 @click.option("--limit", type=int, default=None, help="Scan only a seeded random subset of N samples (with --seed).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--runner", type=click.Choice(["direct", "dataflow", "flink", "spark"]), default=None,

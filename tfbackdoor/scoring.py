@@ -193,7 +193,8 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
     ``remove_top`` (percent): also flag that share of the highest-scoring samples, a stricter
     operating point for training sets, where losing a few percent of clean images costs little
     (:func:`tfbackdoor.metrics.top_threshold`). It needs every score before the first verdict, so
-    the set is scored twice (a first pass keeps only the scores); the summary's ``threshold`` is
+    the set is read twice (a first pass scores it and keeps the scores, the second writes the
+    report and the sanitised set with them); the summary's ``threshold`` is
     then the effective one and ``detector_threshold`` the model's. ``suspect_top`` (percent): in
     each label whose flag rate stands out (a dirty-label target), also flag that share of its
     highest-scoring samples; ``use_signature`` also finds suspect labels by their label signature and
@@ -230,15 +231,16 @@ def scan(model, dataset, out_csv, threshold=None, write_clean=None, batch_size=2
         w = csv.writer(f)
         w.writerow(["id", "label", "score", "flagged"])
         for bx, by, bi in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
-            s = score_fn(bx).numpy()
             ids = [i.decode() for i in bi]
             if preset is None:
+                s = score_fn(bx).numpy()
                 flags = metrics.flagged(s, thr)
             else:
+                # the first pass's scores and verdicts: this pass only reads the images again to write them
                 if ids != ids_all[n:n + len(ids)]:
                     raise TfbdError(f"{dataset}: the samples came in a different order on the second pass; "
                                     "--remove-top/--suspect-top need a stable order")
-                flags = preset[n:n + len(ids)]
+                s, flags = s_all[n:n + len(ids)], preset[n:n + len(ids)]
             seen.extend(ids)
             for i, lab, sc, fl in zip(ids, by, s, flags):
                 w.writerow([i, int(lab), f"{sc:.6f}", int(fl)])
