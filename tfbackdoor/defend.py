@@ -31,6 +31,10 @@ from . import detector as detector_mod
 from . import metrics, signature, victim
 
 
+# The scan's figures each row carries (with or without a victim).
+ROW_SCAN_KEYS = ("recall", "precision", "clean_removed", "n_poisoned_kept", "suspect_labels")
+
+
 def screen_flags(scores, threshold, remove_top=0.0, labels=None, suspect_top=0.0, feats=None) -> np.ndarray:
     """Boolean flags of the training-set screen (:func:`tfbackdoor.signature.screen`, the rule ``tfbd scan``
     uses): ``scores > threshold``, plus the top ``remove_top`` percent of the scores, plus the top
@@ -101,8 +105,7 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
                  f"precision {report['precision']:.2f}%, clean removed {report['clean_removed']:.2f}%, "
                  f"suspect labels {report['suspect_labels']})")
             rows.append({"attack": trig.name, "target": int(target), "n_kept": int((~flags).sum()),
-                         **{k: report[k] for k in ("recall", "precision", "clean_removed", "n_poisoned_kept",
-                                                   "suspect_labels")}})
+                         **{k: report[k] for k in ROW_SCAN_KEYS}})
             continue
         safe = trig.name.replace("/", "_").replace(":", "_")
         path = out_dir / f"victim_{safe}.keras"
@@ -116,7 +119,7 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
                                                            **report}},
                                        **common)
         ev = victim.attack_eval(model, x_test, y_test, trig, target, screen=det_screen)
-        row = {"attack": trig.name, **{k: report[k] for k in ("recall", "precision", "clean_removed", "n_poisoned_kept", "suspect_labels")},
+        row = {"attack": trig.name, **{k: report[k] for k in ROW_SCAN_KEYS},
                "n_kept": int(keep.sum()), "acc": ev["acc"], "asr": ev["asr"], "asr_screened": ev["asr_screened"],
                "acc_drop": None if ref_acc is None else round(ref_acc - ev["acc"], 2), "target": int(target),
                # the floor no screen can go below: the clean victim's own "ASR" with this trigger (its
