@@ -827,18 +827,26 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
 @click.option("--limit", type=int, default=None, help="Seeded subset of the training set.")
 @click.option("--test-limit", type=int, default=None, help="Seeded subset of the test set.")
 @click.option("--no-clean-reference", is_flag=True, help="Skip the victim trained on the clean set (reference ACC).")
-@click.option("--out-dir", type=click.Path(), required=True, help="Folder for the victims (one .keras + .json each).")
+@click.option("--undefended", is_flag=True,
+              help="Also train a victim on each whole poisoned set (no screen): the backdoor the screen must remove.")
+@click.option("--out-dir", type=click.Path(), required=True,
+              help="Folder for the victims (one .keras + .json each). Rerunning the same command reuses the "
+                   "victims already trained there on the same set with the same budget.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
 @click.option("--out", type=click.Path(), default=None, help="Also write the JSON rows to this file.")
 @handle_errors
 def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, threshold, remove_top, suspect_top, use_signature,
-               scan_only, epochs, width, limit, test_limit, no_clean_reference, out_dir, seed, as_json, out):
+               scan_only, epochs, width, limit, test_limit, no_clean_reference, undefended, out_dir, seed, as_json, out):
     """Poison -> scan -> train on what is left -> attack-eval, for each attack; one table."""
     _check([dataset, test_dataset], triggers=attacks.split(","), files=[(detector_path, "detector file")],
            limits=[(limit, "--limit"), (test_limit, "--test-limit"), (epochs, "--epochs")],
            outs=[(out_dir, "--out-dir", "dir"), (out, "--out")])
     _check_screen(remove_top, suspect_top, use_signature)
+    if scan_only and undefended:
+        from tfbackdoor.errors import TfbdError
+
+        raise TfbdError("--undefended trains victims: it cannot go with --scan-only")
     _quiet_tf()
     from tfbackdoor import atomic, defend, detector
 
@@ -850,14 +858,14 @@ def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, thre
     rows = defend.defend(x, y, test, [a for a in attacks.split(",") if a.strip()], det, out_dir, rate=rate,
                          target=target, threshold=threshold, remove_top=remove_top, suspect_top=suspect_top,
                          use_signature=use_signature, scan_only=scan_only, epochs=epochs, width=width,
-                         seed=seed, echo=click.echo, clean_reference=not no_clean_reference)
+                         seed=seed, echo=click.echo, clean_reference=not no_clean_reference, undefended=undefended)
     if out:
         atomic.write_json({"command": "tfbd " + " ".join(sys.argv[1:]), "rows": rows}, out)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     cols = ["recall", "precision", "clean_removed", "n_poisoned_kept", "suspect_labels", "acc", "acc_drop", "asr",
-            "asr_clean_victim", "asr_screened"]
+            "asr_clean_victim", "asr_screened"] + (["acc_undefended", "asr_undefended"] if undefended else [])
     click.echo("| attack | " + " | ".join(cols) + " |")
     click.echo("|---|" + "---|" * len(cols))
     for r in rows:

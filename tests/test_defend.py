@@ -46,18 +46,47 @@ def test_suspect_top_cuts_deeper_in_the_label_the_flags_single_out():
 
 def test_defend_command_runs_the_loop(tmp_path, data_dir):
     out = tmp_path / "rows.json"
-    res = CliRunner().invoke(main, ["defend", "--dataset", "cifar10:lossless", "--test-dataset", "cifar10:test",
-                                    "--attacks", "badnets", "--limit", "400", "--test-limit", "200", "--epochs", "1",
-                                    "--width", "16", "--target", "3", "--no-clean-reference", "--out-dir", str(tmp_path / "v"),
-                                    "--out", str(out)])
+    args = ["defend", "--dataset", "cifar10:lossless", "--test-dataset", "cifar10:test",
+            "--attacks", "badnets", "--limit", "400", "--test-limit", "200", "--epochs", "1",
+            "--width", "16", "--target", "3", "--no-clean-reference", "--undefended", "--out-dir", str(tmp_path / "v"),
+            "--out", str(out)]
+    res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     rows = json.loads(out.read_text())["rows"]
     assert [r["attack"] for r in rows] == ["badnets"]
     b = rows[0]
-    assert b["n_kept"] < 400 and 0 <= b["asr_screened"] <= b["asr"] <= 100
+    assert b["n_kept"] < 400 and 0 <= b["asr_screened"] <= b["asr"] <= 100 and 0 <= b["asr_undefended"] <= 100
     # the shipped detector catches BadNets: most poisoned samples are removed before training
     assert b["recall"] > 50 and b["n_poisoned_kept"] < 20
-    assert (tmp_path / "v" / "victim_badnets.keras").is_file() and "| badnets |" in res.output
+    v = tmp_path / "v"
+    assert (v / "victim_badnets.keras").is_file() and (v / "victim_badnets_undefended.keras").is_file()
+    assert "| badnets |" in res.output and "asr_undefended" in res.output
+    assert json.loads((v / "victim_badnets_undefended.json").read_text())["n_train"] == 400
+    # rerun: both victims trained on the very same sets with the same budget are reused, not trained again
+    stamps = {p.name: p.stat().st_mtime_ns for p in v.glob("*.keras")}
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("reusing") == 2
+    assert {p.name: p.stat().st_mtime_ns for p in v.glob("*.keras")} == stamps
+    assert json.loads(out.read_text())["rows"][0]["asr"] == b["asr"]
+    # a different budget is a different victim
+    assert "reusing" not in CliRunner().invoke(main, args[:-2] + ["--seed", "1"]).output
+
+
+def test_reusable_checks_the_set_and_the_budget(tmp_path):
+    from tfbackdoor import victim
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    y = np.arange(16) % 2
+    path = tmp_path / "v.keras"
+    victim.train_victim(x, y, path, epochs=1, batch_size=8, width=4, echo=None)
+    assert victim.reusable(path, x, y, epochs=1, batch_size=8, width=4) is not None
+    x2 = x.copy()
+    x2[3, 0, 0, 0] ^= 1                                  # one pixel differs: another set
+    assert victim.reusable(path, x2, y, epochs=1, batch_size=8, width=4) is None
+    assert victim.reusable(path, x, y[::-1], epochs=1, batch_size=8, width=4) is None
+    assert victim.reusable(path, x, y, epochs=2, batch_size=8, width=4) is None
+    assert victim.reusable(tmp_path / "missing.keras", x, y) is None
 
 
 def test_defend_scan_only_screens_without_training(tmp_path, data_dir):
@@ -74,3 +103,6 @@ def test_defend_scan_only_screens_without_training(tmp_path, data_dir):
     bad = CliRunner().invoke(main, ["defend", "--scan-only", "--attacks", "badnets", "--signature",
                                     "--out-dir", str(tmp_path / "v")])
     assert bad.exit_code != 0 and "--suspect-top" in bad.output
+    bad = CliRunner().invoke(main, ["defend", "--scan-only", "--undefended", "--attacks", "badnets",
+                                    "--out-dir", str(tmp_path / "v")])
+    assert bad.exit_code != 0 and "--undefended" in bad.output and "--scan-only" in bad.output

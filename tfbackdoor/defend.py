@@ -18,7 +18,13 @@ For each attack :func:`defend` runs
 A victim trained on the clean set with the same budget gives the reference ACC. The rows are
 percentages with the keys ``attack, recall, precision, clean_removed, n_poisoned_kept,
 suspect_labels, n_kept, acc, asr, asr_screened, acc_drop, asr_clean_victim`` (the reference
-victim's ASR with the same trigger: the floor a perfect screen would leave).
+victim's ASR with the same trigger: the floor a perfect screen would leave), and with
+``undefended`` also ``acc_undefended, asr_undefended``: a victim trained on the whole poisoned
+set, no screen (the backdoor the screen has to remove).
+
+Victims are saved in ``out_dir`` with the set they trained on fingerprinted in their sidecar
+(:func:`tfbackdoor.victim.reusable`): rerunning the same command after an interruption reuses the
+finished victims instead of training them again.
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ def scan_report(flags, poisoned_idx) -> dict:
 
 
 def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold=None, remove_top=0.0,
-           suspect_top=0.0, use_signature=False, scan_only=False, epochs=10, width=32, batch_size=128, seed=0, echo=print, clean_reference=True) -> list:
+           suspect_top=0.0, use_signature=False, scan_only=False, epochs=10, width=32, batch_size=128, seed=0, echo=print,
+           clean_reference=True, undefended=False) -> list:
     """Run poison -> screen -> train -> attack-eval for each attack; returns one row per attack.
 
     Args:
@@ -75,6 +82,7 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
       scan_only: stop after the screen (rows without victims: recall, precision, clean removed).
       epochs, width, batch_size: the victims' training budget (the same for every victim).
       clean_reference: also train a victim on the clean set (its ACC is the reference).
+      undefended: also train a victim on each whole poisoned set (no screen): its ACC and ASR.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -83,12 +91,20 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
     size = x.shape[1]
     trigs = [victim.resolve_trigger(a, size) for a in attacks]
     det_screen = lambda imgs: detector_mod.score(detector, imgs) > detector_mod.spec_of(detector).threshold  # noqa: E731
-    common = dict(epochs=epochs, batch_size=batch_size, seed=seed, width=width, echo=None)
+    common = dict(epochs=epochs, batch_size=batch_size, seed=seed, width=width)
+
+    def train(xs, ys, path, info=None):
+        model = victim.reusable(path, xs, ys, **common)
+        if model is not None:
+            echo(f"  reusing {path} (trained on this very set with this budget)")
+            return model
+        return victim.train_victim(xs, ys, path, info=info, echo=None, **common)[0]
+
     ref_acc = ref_model = None
     if clean_reference and not scan_only:
         path = out_dir / "victim_clean.keras"
         echo(f"clean reference victim -> {path}")
-        ref_model, _ = victim.train_victim(x, y, path, **common)
+        ref_model = train(x, y, path)
         ref_acc = round(metrics.accuracy(victim.predict(ref_model, x_test), y_test), 2)
         echo(f"  clean ACC {ref_acc:.2f}%")
     rows = []
@@ -112,12 +128,10 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
         echo(f"{trig.name}: scan removed {report['n_flagged']} of {len(x_p)} (recall {report['recall']:.2f}%, "
              f"precision {report['precision']:.2f}%, clean removed {report['clean_removed']:.2f}%); "
              f"training on {int(keep.sum())} -> {path}")
-        model, _ = victim.train_victim(x_p[keep], y_p[keep], path,
-                                       info={"sanitised": {"attack": trig.name, "target": int(target), "rate": rate,
-                                                           "threshold": thr, "remove_top": remove_top,
-                                                           "suspect_top": suspect_top, "signature": bool(use_signature),
-                                                           **report}},
-                                       **common)
+        model = train(x_p[keep], y_p[keep], path,
+                      info={"sanitised": {"attack": trig.name, "target": int(target), "rate": rate,
+                                          "threshold": thr, "remove_top": remove_top,
+                                          "suspect_top": suspect_top, "signature": bool(use_signature), **report}})
         ev = victim.attack_eval(model, x_test, y_test, trig, target, screen=det_screen)
         row = {"attack": trig.name, **{k: report[k] for k in ROW_SCAN_KEYS},
                "n_kept": int(keep.sum()), "acc": ev["acc"], "asr": ev["asr"], "asr_screened": ev["asr_screened"],
@@ -129,6 +143,14 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
                victim.attack_eval(ref_model, x_test, y_test, trig, target)["asr"],
                "victim": str(path)}
         echo(f"  ACC {row['acc']:.2f}%  ASR {row['asr']:.2f}%  behind the screener {row['asr_screened']:.2f}%")
+        if undefended:
+            path_u = out_dir / f"victim_{safe}_undefended.keras"
+            echo(f"  undefended: training on all {len(x_p)} (no screen) -> {path_u}")
+            model_u = train(x_p, y_p, path_u, info={"undefended": {"attack": trig.name, "target": int(target),
+                                                                   "rate": rate, "n_poisoned": len(idx)}})
+            ev_u = victim.attack_eval(model_u, x_test, y_test, trig, target)
+            row.update(acc_undefended=ev_u["acc"], asr_undefended=ev_u["asr"], victim_undefended=str(path_u))
+            echo(f"  undefended: ACC {ev_u['acc']:.2f}%  ASR {ev_u['asr']:.2f}%")
         rows.append(row)
     if ref_acc is not None:
         rows.insert(0, {"attack": "clean", "acc": ref_acc, "victim": str(out_dir / "victim_clean.keras")})

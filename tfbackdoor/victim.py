@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -196,6 +197,39 @@ class _EpochReport(keras.callbacks.Callback):
             self.echo("  ".join(parts))
 
 
+def data_fingerprint(x, y) -> str:
+    """SHA-256 of a training set (uint8 images and int64 labels, in order): what a victim's sidecar
+    records as ``train_sha256``, so that :func:`reusable` can tell the same set from another one."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(np.asarray(x, np.uint8)).tobytes())
+    h.update(np.ascontiguousarray(np.asarray(y, np.int64)).tobytes())
+    return h.hexdigest()
+
+
+# The sidecar fields that must match for a saved victim to stand for a new training run.
+BUDGET_KEYS = ("epochs", "batch_size", "lr", "width", "flip", "seed")
+
+
+def reusable(out, x, y, **budget):
+    """The victim saved at ``out`` if it was trained on exactly ``(x, y)`` (its sidecar's
+    ``train_sha256``: the set it trained on, after any poisoning) with the same ``budget`` (the
+    :data:`BUDGET_KEYS` arguments of :func:`train_victim`); else ``None``. Lets a long loop
+    (``tfbd defend``) be rerun after an interruption without training its finished victims again."""
+    out = Path(out)
+    side = sidecar_path(out)
+    if not (out.is_file() and side.is_file()):
+        return None
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("train_sha256") != data_fingerprint(x, y):
+        return None
+    if any(k in budget and meta.get(k) != budget[k] for k in BUDGET_KEYS):
+        return None
+    return load(out)
+
+
 def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None, poison_rate: float = 0.1,
                  target: int = 0, test=None, seed: int = 0, lr: float = 1e-3, width: int = 64, flip: bool = True,
                  num_classes: int | None = None, echo=print, verbose="auto", info: dict | None = None):
@@ -278,6 +312,7 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
     meta.update({
         "image_size": int(x.shape[1]), "num_classes": n_cls, "n_train": int(len(x)), "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "width": width, "flip": flip, "seed": seed,
+        "train_sha256": data_fingerprint(x, y),
         "poison": None if trig is None else {"trigger": trig.name, "rate": poison_rate, "target": int(target),
                                              "n_poisoned": int(len(idx)), "indices": idx.tolist()},
         "history": history,
@@ -290,4 +325,5 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
 
 
 __all__ = ["build_victim", "load", "save", "predict", "poison", "save_poisoned_npz", "apply_trigger", "resolve_trigger", "train_victim",
+           "data_fingerprint", "reusable",
            "attack_eval", "check_model_fits", "check_target", "num_classes"]
