@@ -69,3 +69,26 @@ def test_a_clean_set_has_no_suspect_label(cifar):
     assert info["suspect_labels"] == [] and not flags.any()
     lams = [v["lambda"] for v in info["signature"].values()]
     assert max(lams) < signature.FACTOR * np.median(lams) / 1.5     # clean labels stay well below the bar
+
+
+def test_in_a_label_the_flags_single_out_either_ranking_can_remove_a_sample(cifar):
+    """There the detector's score and the discriminant both know the trigger; the screen cuts by
+    the higher of a sample's two ranks, so what the detector ranks high goes as well as what the
+    discriminant ranks high (a cut by the projection alone keeps about 40% of the first kind)."""
+    x, y = cifar
+    xp, yp, idx = victim.poison(x, y, victim.resolve_trigger("badnets3", 32), 0.1, 3, seed=0)
+    feats = signature.features(xp, k=16)
+    scores = np.zeros(len(xp))
+    scores[idx[: len(idx) // 2]] = 0.9                           # caught: above the threshold
+    clean3 = np.setdiff1d(np.flatnonzero(yp == 3), idx)
+    near = np.random.default_rng(0).choice(clean3, 100, replace=False)
+    scores[near] = 0.45                                          # the detector's near misses, below it
+    flags, info = signature.screen(scores, yp, 0.5, suspect_top=60, feats=feats)
+    assert info["suspect_labels"] == [3] and info["signature"][3]["method"] == "discriminant"
+    assert flags[near].all()                                     # the detector's ranking counts
+    assert flags[idx[len(idx) // 2:]].mean() > 0.9               # and so does the discriminant's
+    proj_only = signature.label_signatures(feats, yp, scores > 0.5)[3]["projection"]
+    sel = np.flatnonzero(yp == 3)
+    from tfbackdoor import metrics
+    by_proj = sel[metrics.flagged(proj_only, metrics.top_threshold(proj_only, np.inf, 60))]
+    assert np.isin(near, by_proj).mean() < 0.9                   # what the max adds over the projection
