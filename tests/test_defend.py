@@ -99,6 +99,7 @@ def test_defend_scan_only_screens_without_training(tmp_path, data_dir):
     assert [r["attack"] for r in rows] == ["badnets"] and "acc" not in rows[0]
     # the shipped detector flags most BadNets poisons, label 3 stands out, and half of it goes
     assert rows[0]["suspect_labels"] == [3] and rows[0]["recall"] > 90
+    assert len(rows[0]["signature"]) == 10 and rows[0]["signature"]["3"]["method"] == "discriminant"
     assert not list((tmp_path / "v").glob("*.keras"))
     bad = CliRunner().invoke(main, ["defend", "--scan-only", "--attacks", "badnets", "--signature",
                                     "--out-dir", str(tmp_path / "v")])

@@ -15,10 +15,12 @@ For each attack :func:`defend` runs
 4. :func:`tfbackdoor.victim.attack_eval` on the test set: clean ACC and ASR, plain and behind
    the detector as an input screener (``asr_screened``).
 
-A victim trained on the clean set with the same budget gives the reference ACC. The rows are
-percentages with the keys ``attack, recall, precision, clean_removed, n_poisoned_kept,
-suspect_labels, n_kept, acc, asr, asr_screened, acc_drop, asr_clean_victim`` (the reference
-victim's ASR with the same trigger: the floor a perfect screen would leave), and with
+A victim trained on the clean set with the same budget gives the reference ACC. The rows have
+the keys ``attack, recall, precision, clean_removed, n_poisoned_kept, suspect_labels, signature,
+n_kept, acc, asr, asr_screened, acc_drop, asr_clean_victim`` (percentages but for the counts,
+``suspect_labels`` and ``signature``: each label's signature strength and method, or ``None``
+without ``use_signature``; ``asr_clean_victim`` is the reference victim's ASR with the same
+trigger: the floor a perfect screen would leave), and with
 ``undefended`` also ``acc_undefended, asr_undefended``: a victim trained on the whole poisoned
 set, no screen (the backdoor the screen has to remove).
 
@@ -38,7 +40,7 @@ from . import metrics, signature, victim
 
 
 # The scan's figures each row carries (with or without a victim).
-ROW_SCAN_KEYS = ("recall", "precision", "clean_removed", "n_poisoned_kept", "suspect_labels")
+ROW_SCAN_KEYS = ("recall", "precision", "clean_removed", "n_poisoned_kept", "suspect_labels", "signature")
 
 
 def screen_flags(scores, threshold, remove_top=0.0, labels=None, suspect_top=0.0, feats=None) -> np.ndarray:
@@ -115,6 +117,8 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
         flags, info = signature.screen(scores, y_p, thr, remove_top, suspect_top, feats)
         report = scan_report(flags, idx)
         report["suspect_labels"] = info["suspect_labels"]
+        # each label's signature strength and method (with use_signature), to see how far a label stood out
+        report["signature"] = info["signature"]
         keep = ~flags
         if scan_only:
             echo(f"{trig.name}: scan flagged {report['n_flagged']} of {len(x_p)} (recall {report['recall']:.2f}%, "
