@@ -120,17 +120,17 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
         # each label's signature strength and method (with use_signature), to see how far a label stood out
         report["signature"] = info["signature"]
         keep = ~flags
+        figures = (f"(recall {report['recall']:.2f}%, precision {report['precision']:.2f}%, "
+                   f"clean removed {report['clean_removed']:.2f}%")
         if scan_only:
-            echo(f"{trig.name}: scan flagged {report['n_flagged']} of {len(x_p)} (recall {report['recall']:.2f}%, "
-                 f"precision {report['precision']:.2f}%, clean removed {report['clean_removed']:.2f}%, "
+            echo(f"{trig.name}: scan flagged {report['n_flagged']} of {len(x_p)} {figures}, "
                  f"suspect labels {report['suspect_labels']})")
-            rows.append({"attack": trig.name, "target": int(target), "n_kept": int((~flags).sum()),
+            rows.append({"attack": trig.name, "target": int(target), "n_kept": int(keep.sum()),
                          **{k: report[k] for k in ROW_SCAN_KEYS}})
             continue
         safe = trig.name.replace("/", "_").replace(":", "_")
         path = out_dir / f"victim_{safe}.keras"
-        echo(f"{trig.name}: scan removed {report['n_flagged']} of {len(x_p)} (recall {report['recall']:.2f}%, "
-             f"precision {report['precision']:.2f}%, clean removed {report['clean_removed']:.2f}%); "
+        echo(f"{trig.name}: scan removed {report['n_flagged']} of {len(x_p)} {figures}); "
              f"training on {int(keep.sum())} -> {path}")
         model = train(x_p[keep], y_p[keep], path,
                       info={"sanitised": {"attack": trig.name, "target": int(target), "rate": rate,

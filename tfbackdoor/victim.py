@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import shutil
 import sys
@@ -213,8 +214,11 @@ BUDGET_KEYS = ("epochs", "batch_size", "lr", "width", "flip", "seed")
 def reusable(out, x, y, **budget):
     """The victim saved at ``out`` if it was trained on exactly ``(x, y)`` (its sidecar's
     ``train_sha256``: the set it trained on, after any poisoning) with the same ``budget`` (the
-    :data:`BUDGET_KEYS` arguments of :func:`train_victim`); else ``None``. Lets a long loop
+    :data:`BUDGET_KEYS` arguments of :func:`train_victim`; those not given are :func:`train_victim`'s
+    defaults, as a training call without them would use); else ``None``. Lets a long loop
     (``tfbd defend``) be rerun after an interruption without training its finished victims again."""
+    params = inspect.signature(train_victim).parameters
+    budget = {k: budget[k] if k in budget else params[k].default for k in BUDGET_KEYS}
     out = Path(out)
     side = sidecar_path(out)
     if not (out.is_file() and side.is_file()):
@@ -225,7 +229,7 @@ def reusable(out, x, y, **budget):
         return None
     if meta.get("train_sha256") != data_fingerprint(x, y):
         return None
-    if any(k in budget and meta.get(k) != budget[k] for k in BUDGET_KEYS):
+    if any(meta.get(k) != v for k, v in budget.items()):
         return None
     return load(out)
 
