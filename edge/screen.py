@@ -193,7 +193,8 @@ def make_sidecar(threshold: float, image_size: Sequence[int], sha256: str, **ext
 # in float64 (the layer: float32; ratios agree to ~1e-6 relative). tfbackdoor's tests
 # check it against the Keras layers (tests/test_export.py).
 
-SPECTRAL_VERSION = 1
+SPECTRAL_VERSION = 2      # 2: the texture statistic (``texture_ref``, ``texture_thresholds``); 1: max-z only
+SPECTRAL_VERSIONS = (1, 2)
 
 
 def dct_matrix(n: int) -> np.ndarray:
@@ -228,15 +229,20 @@ def decode_float32(obj: Any) -> np.ndarray:
 
 
 def make_spectral_entry(scale: Any, thresholds: Any, route_cut: float, near_zero: float, hf_min: int,
-                        threshold: float, sharpness: float) -> Dict[str, Any]:
+                        threshold: float, sharpness: float, texture_ref: Any = None,
+                        texture_thresholds: Any = None) -> Dict[str, Any]:
     """The sidecar's ``"spectral"`` entry: the weights of ``SpectralAnomaly`` (``scale``
-    ``(2, H, W, 3)``, ``thresholds`` ``(2,)``; row 0 lossless-like, row 1 JPEG-like), its
-    router constants (``route_cut``, ``near_zero``, ``hf_min``) and ``CombineScores``'
+    ``(2, H, W, 3)``, ``thresholds`` ``(2,)``; row 0 lossless-like, row 1 JPEG-like; with its
+    texture statistic also ``texture_ref`` and ``texture_thresholds``, ``(2,)`` each, and version
+    2), its router constants (``route_cut``, ``near_zero``, ``hf_min``) and ``CombineScores``'
     ``threshold`` and ``sharpness``."""
-    return {"version": SPECTRAL_VERSION, "scale": encode_float32(scale),
-            "thresholds": [float(v) for v in np.asarray(thresholds, np.float32).reshape(-1)],
-            "route_cut": float(route_cut), "near_zero": float(near_zero), "hf_min": int(hf_min),
-            "threshold": float(threshold), "sharpness": float(sharpness)}
+    pair = lambda v: [float(x) for x in np.asarray(v, np.float32).reshape(-1)]
+    entry = {"version": 1, "scale": encode_float32(scale), "thresholds": pair(thresholds),
+             "route_cut": float(route_cut), "near_zero": float(near_zero), "hf_min": int(hf_min),
+             "threshold": float(threshold), "sharpness": float(sharpness)}
+    if texture_ref is not None:
+        entry.update({"version": 2, "texture_ref": pair(texture_ref), "texture_thresholds": pair(texture_thresholds)})
+    return entry
 
 
 class SpectralPart:
@@ -249,10 +255,12 @@ class SpectralPart:
     def __init__(self, entry: Any, image_size: Optional[Sequence[int]] = None) -> None:
         if not isinstance(entry, dict):
             raise ValueError("must be an object")
-        if entry.get("version", SPECTRAL_VERSION) != SPECTRAL_VERSION:
-            raise ValueError(f"version {entry.get('version')!r} is not {SPECTRAL_VERSION} (a newer screen.py is needed)")
+        version = entry.get("version", 1)
+        if version not in SPECTRAL_VERSIONS:
+            raise ValueError(f"version {version!r} is not one of {list(SPECTRAL_VERSIONS)} (a newer screen.py is needed)")
+        texture_keys = ("texture_ref", "texture_thresholds") if version == 2 else ()
         missing = [k for k in ("scale", "thresholds", "route_cut", "near_zero", "hf_min", "threshold", "sharpness")
-                   if k not in entry]
+                   + texture_keys if k not in entry]
         if missing:
             raise ValueError(f"missing {', '.join(missing)}")
         try:
@@ -271,6 +279,12 @@ class SpectralPart:
             raise ValueError("thresholds must be 2 positive numbers")
         if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
             raise ValueError("scale must be positive and finite")
+        self.texture_ref = self.texture_thresholds = None
+        for key in texture_keys:
+            pair = np.asarray(entry[key], np.float64)
+            if pair.shape != (2,) or not np.all(np.isfinite(pair)) or not np.all(pair > 0):
+                raise ValueError(f"{key} must be 2 positive numbers")
+            setattr(self, key, pair)
         self.scale = scale.astype(np.float64)
         self.thresholds = thresholds
         self.route_cut = float(entry["route_cut"])
@@ -305,7 +319,9 @@ class SpectralPart:
     def ratio(self, pixels: Any) -> np.ndarray:
         """``(N,)`` anomaly ratios of RGB pixels ``(N, H, W, 3)`` or ``(H, W, 3)`` (0..255, the
         model's input size): ``max |X| / scale[branch]`` over every coefficient but the DC of
-        each channel (``X = D x D^T`` per channel), divided by ``thresholds[branch]``."""
+        each channel (``X = D x D^T`` per channel), divided by ``thresholds[branch]``; with the
+        texture statistic, the larger of that and max-z / texture level / ``texture_thresholds``
+        (level: the median ``|X| / scale``, DC's 0 included, over ``texture_ref``, at least 1)."""
         x = np.asarray(pixels, np.float64)
         if x.ndim == 3:
             x = x[None]
@@ -315,7 +331,13 @@ class SpectralPart:
         branch = self.route(x)
         z = np.abs(coeffs) / self.scale[branch]
         z[:, 0, 0, :] = 0.0   # the DC term (mean brightness) is never evidence
-        return z.reshape(len(x), -1).max(axis=1) / self.thresholds[branch]
+        z = z.reshape(len(x), -1)
+        m = z.max(axis=1)
+        ratio = m / self.thresholds[branch]
+        if self.texture_ref is None:
+            return ratio
+        level = np.maximum(np.median(z, axis=1) / self.texture_ref[branch], 1.0)
+        return np.maximum(ratio, m / level / self.texture_thresholds[branch])
 
     def combine(self, p_cnn: Any, ratio: Any) -> Any:
         """``max(p_cnn, t a^k / (t a^k + 1 - t))`` (``CombineScores``): above the detector's

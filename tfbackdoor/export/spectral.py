@@ -24,10 +24,10 @@ def sidecar_entry(model):
         return None
     layer = next(l for l in model.layers if isinstance(l, spectral.SpectralAnomaly))
     combine = next(l for l in model.layers if isinstance(l, spectral.CombineScores))
-    return make_spectral_entry(keras.ops.convert_to_numpy(layer.scale).astype(np.float32),
-                               keras.ops.convert_to_numpy(layer.thresholds).astype(np.float32),
-                               layer.route_cut, layer.near_zero, spectral.HF_MIN,
-                               combine.threshold, combine.sharpness)
+    arr = lambda w: keras.ops.convert_to_numpy(w).astype(np.float32)
+    texture = (arr(layer.texture_ref), arr(layer.texture_thresholds)) if layer.texture else (None, None)
+    return make_spectral_entry(arr(layer.scale), arr(layer.thresholds), layer.route_cut, layer.near_zero,
+                               spectral.HF_MIN, combine.threshold, combine.sharpness, *texture)
 
 
 def describe_entry(entry) -> dict:
