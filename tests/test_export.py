@@ -342,3 +342,15 @@ def test_a_sidecar_without_spectral_is_the_tflite_alone_and_bad_entries_are_refu
     out.with_suffix(".json").write_text(json.dumps(bad))
     with pytest.raises(ModelError, match="bad spectral entry"):
         Screener(out)
+    # the texture statistic's fields (sidecar version 2) are required, and a newer version is refused
+    assert side["spectral"]["version"] == 2
+    for key, value, match in (("texture_ref", None, "missing texture_ref"), ("texture_thresholds", [1.0], "2 positive"),
+                              ("version", 3, "version 3")):
+        bad = json.loads(json.dumps(side))
+        if value is None:
+            del bad["spectral"][key]
+        else:
+            bad["spectral"][key] = value
+        out.with_suffix(".json").write_text(json.dumps(bad))
+        with pytest.raises(ModelError, match=match):
+            Screener(out)
