@@ -241,7 +241,8 @@ def make_spectral_entry(scale: Any, thresholds: Any, route_cut: float, near_zero
              "route_cut": float(route_cut), "near_zero": float(near_zero), "hf_min": int(hf_min),
              "threshold": float(threshold), "sharpness": float(sharpness)}
     if texture_ref is not None:
-        entry.update({"version": 2, "texture_ref": pair(texture_ref), "texture_thresholds": pair(texture_thresholds)})
+        entry.update({"version": SPECTRAL_VERSION, "texture_ref": pair(texture_ref),
+                      "texture_thresholds": pair(texture_thresholds)})
     return entry
 
 
