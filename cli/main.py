@@ -351,13 +351,14 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, batch_size, tr
               help="More held-out images of each part that set the spectral thresholds (with their benign variants).")
 @click.option("--target-fpr", type=float, default=0.5, show_default=True,
               help="The spectral part flags at most about this % of each calibration set and benign variant.")
-@click.option("--texture/--no-texture", default=True, show_default=True,
-              help="Also flag on the largest coefficient over the image's texture level (median coefficient): "
-                   "catches sinusoids such as SIG in contrast-rich sets; --no-texture: the max-z statistic alone.")
+@click.option("--statistic", type=click.Choice(["bands", "texture", "max"]), default="bands", show_default=True,
+              help="bands: the largest luma and chroma coefficient of each of 5 frequency bands, each with its own "
+                   "threshold; texture: the largest coefficient, and it over the image's median one; max: the "
+                   "largest coefficient alone (round 5).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), required=True)
 @handle_errors
-def fit_spectral(detector_path, dataset, samples, calibration, target_fpr, texture, seed, out):
+def fit_spectral(detector_path, dataset, samples, calibration, target_fpr, statistic, seed, out):
     """Add a clean-spectrum anomaly part to a DCT detector (one file; images used are excluded from evaluation).
 
     It learns each DCT coefficient's RMS on clean images (separately for JPEG-like and lossless-like
@@ -381,12 +382,13 @@ def fit_spectral(detector_path, dataset, samples, calibration, target_fpr, textu
         raise TfbdError(f"--target-fpr must be in (0, 100) (got {target_fpr})")
     model = detector.load(detector_path)
     new = detector.fit_spectral(model, dataset, counts, calibration, target_fpr, seed,
-                                command="tfbd " + " ".join(sys.argv[1:]), texture=texture)
+                                command="tfbd " + " ".join(sys.argv[1:]), statistic=statistic)
     detector.save(new, out)
     rep = detector.spec_of(new).info["spectral"]
-    click.echo(f"wrote {out} (CNN threshold {detector.spec_of(new).threshold:.4f} kept; spectral thresholds "
-               f"lossless {rep['thresholds'][0]:.2f} / JPEG {rep['thresholds'][1]:.2f} max-z"
-               + (f", {rep['texture_thresholds'][0]:.2f} / {rep['texture_thresholds'][1]:.2f} over texture"
+    thr = lambda row: "/".join(f"{v:.2f}" for v in (row if isinstance(row, list) else [row]))
+    click.echo(f"wrote {out} (CNN threshold {detector.spec_of(new).threshold:.4f} kept; spectral '{statistic}' "
+               f"thresholds lossless {thr(rep['thresholds'][0])}, JPEG {thr(rep['thresholds'][1])}"
+               + (f", over texture {rep['texture_thresholds'][0]:.2f} / {rep['texture_thresholds'][1]:.2f}"
                   if rep.get("texture") else "") + f" at {target_fpr}% FPR; "
                f"{rep['fit_images']} + {rep['calibration_images']} images recorded as excluded from evaluation)")
 

@@ -194,7 +194,8 @@ def make_sidecar(threshold: float, image_size: Sequence[int], sha256: str, **ext
 # check it against the Keras layers (tests/test_export.py).
 
 SPECTRAL_VERSION = 2      # 2: the texture statistic (``texture_ref``, ``texture_thresholds``); 1: max-z only
-SPECTRAL_VERSIONS = (1, 2)
+BANDS_VERSION = 3         # 3: the band statistic (``bands``, ``ycbcr``, ``thresholds`` [2, 2 x bands])
+SPECTRAL_VERSIONS = (1, 2, 3)
 
 
 def dct_matrix(n: int) -> np.ndarray:
@@ -246,6 +247,20 @@ def make_spectral_entry(scale: Any, thresholds: Any, route_cut: float, near_zero
     return entry
 
 
+def make_band_entry(scale: Any, thresholds: Any, bands: Sequence[Sequence[int]], ycbcr: Any, route_cut: float,
+                    near_zero: float, hf_min: int, threshold: float, sharpness: float) -> Dict[str, Any]:
+    """The sidecar's ``"spectral"`` entry of ``BandAnomaly`` (version 3): ``scale`` ``(2, H, W, 3)``
+    (YCbCr RMS), ``thresholds`` ``(2, 2 x bands)`` (luma bands, then chroma bands; row 0
+    lossless-like, row 1 JPEG-like), the ``u + v`` ``bands`` and the ``ycbcr`` 3x3 matrix, plus the
+    router constants and ``CombineScores``' ``threshold`` and ``sharpness``."""
+    return {"version": BANDS_VERSION, "statistic": "bands", "scale": encode_float32(scale),
+            "thresholds": [[float(v) for v in row] for row in np.asarray(thresholds, np.float32)],
+            "bands": [[int(lo), int(hi)] for lo, hi in bands],
+            "ycbcr": [[float(v) for v in row] for row in np.asarray(ycbcr, np.float32)],
+            "route_cut": float(route_cut), "near_zero": float(near_zero), "hf_min": int(hf_min),
+            "threshold": float(threshold), "sharpness": float(sharpness)}
+
+
 class SpectralPart:
     """A detector's spectral anomaly part from a sidecar ``"spectral"`` entry.
 
@@ -260,8 +275,9 @@ class SpectralPart:
         if version not in SPECTRAL_VERSIONS:
             raise ValueError(f"version {version!r} is not one of {list(SPECTRAL_VERSIONS)} (a newer screen.py is needed)")
         texture_keys = ("texture_ref", "texture_thresholds") if version == 2 else ()
+        band_keys = ("bands", "ycbcr") if version == BANDS_VERSION else ()
         missing = [k for k in ("scale", "thresholds", "route_cut", "near_zero", "hf_min", "threshold", "sharpness")
-                   + texture_keys if k not in entry]
+                   + texture_keys + band_keys if k not in entry]
         if missing:
             raise ValueError(f"missing {', '.join(missing)}")
         try:
@@ -272,12 +288,25 @@ class SpectralPart:
             raise ValueError(f"scale shape {list(scale.shape)}, expected [2, H, W, 3]")
         if image_size is not None and tuple(scale.shape[1:3]) != tuple(image_size):
             raise ValueError(f"scale is for {list(scale.shape[1:3])} images, the model's input is {list(image_size)}")
-        thresholds = np.asarray(entry["thresholds"], np.float64)
+        self.bands = self.ycbcr = None
+        if band_keys:
+            try:
+                self.bands = [(int(lo), int(hi)) for lo, hi in entry["bands"]]
+                self.ycbcr = np.asarray(entry["ycbcr"], np.float64)
+                thresholds = np.asarray(entry["thresholds"], np.float64)
+            except (TypeError, ValueError):
+                raise ValueError("bands, ycbcr and thresholds must be lists of numbers") from None
+            if self.ycbcr.shape != (3, 3) or thresholds.shape != (2, 2 * len(self.bands)) or not self.bands:
+                raise ValueError(f"thresholds {list(thresholds.shape)} for {len(self.bands)} bands "
+                                 f"(expected [2, {2 * len(self.bands)}]) or ycbcr not 3x3")
+        else:
+            thresholds = np.asarray(entry["thresholds"], np.float64)
         numbers = [entry[k] for k in ("route_cut", "near_zero", "hf_min", "threshold", "sharpness")]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
             raise ValueError("route_cut, near_zero, hf_min, threshold and sharpness must be numbers")
-        if thresholds.shape != (2,) or not np.all(np.isfinite(thresholds)) or not np.all(thresholds > 0):
-            raise ValueError("thresholds must be 2 positive numbers")
+        if (thresholds.shape != (2,) and not band_keys) or not np.all(np.isfinite(thresholds)) \
+                or not np.all(thresholds > 0):
+            raise ValueError("thresholds must be 2 positive numbers" if not band_keys else "thresholds must be positive")
         if not np.all(np.isfinite(scale)) or not np.all(scale > 0):
             raise ValueError("scale must be positive and finite")
         self.texture_ref = self.texture_thresholds = None
@@ -330,6 +359,15 @@ class SpectralPart:
             raise ValueError(f"pixels {list(x.shape[1:])}, expected {list(self.scale.shape[1:])}")
         coeffs = np.einsum("uh,nhwc,vw->nuvc", self._d_h, x, self._d_w, optimize=True)
         branch = self.route(x)
+        if self.bands is not None:   # BandAnomaly: per band, the largest luma and chroma |X_ycbcr| / scale
+            z = np.abs(np.einsum("nuvc,dc->nuvd", coeffs, self.ycbcr, optimize=True)) / self.scale[branch]
+            uv = np.add.outer(np.arange(z.shape[1]), np.arange(z.shape[2]))
+            stats = []
+            for group in ((0,), (1, 2)):
+                for lo, hi in self.bands:
+                    mask = (uv >= lo) & (uv <= hi)
+                    stats.append(z[:, mask][:, :, list(group)].reshape(len(x), -1).max(axis=1))
+            return (np.stack(stats, axis=1) / self.thresholds[branch]).max(axis=1)
         z = np.abs(coeffs) / self.scale[branch]
         z[:, 0, 0, :] = 0.0   # the DC term (mean brightness) is never evidence
         z = z.reshape(len(x), -1)

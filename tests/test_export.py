@@ -297,6 +297,34 @@ def test_numpy_spectral_part_equals_the_keras_layers(spectral_detector, natural)
     assert part.threshold == pytest.approx(0.7) and part.scale.shape == (2, 32, 32, 3)
 
 
+def test_numpy_band_part_equals_the_keras_layer(natural, lossless):
+    from edge.screen import SpectralPart
+    from tfbackdoor import spectral
+
+    fit, cal, test = natural
+    base = detector.build("cnn6", 32, "dct", threshold=0.7)
+    model, _ = spectral.fit(base, [fit, perturb_jpeg75(fit[:150])], [cal], target_fpr=2.0, statistic="bands")
+    x = _mixed(test)
+    entry = json.loads(json.dumps(export.sidecar_entry(model)))
+    assert entry["version"] == 3 and entry["statistic"] == "bands" and len(entry["bands"]) == 5
+    part = SpectralPart(entry, (32, 32))
+    layer = model.get_layer("spectral_anomaly")
+    keras_ratio = layer(frequency.dct2d(x)).numpy()
+    ratio = part.ratio(x)
+    np.testing.assert_allclose(ratio, keras_ratio, rtol=1e-4)
+    assert 0 < (ratio > 1).sum() < len(x)
+    bad = json.loads(json.dumps(entry))
+    bad["thresholds"] = bad["thresholds"][:1]
+    with pytest.raises(ValueError, match="thresholds"):
+        SpectralPart(bad, (32, 32))
+
+
+def perturb_jpeg75(x):
+    from tfbackdoor import perturb
+
+    return perturb.BENIGN_VARIANTS["jpeg75"](x).numpy()
+
+
 def test_int8_screener_of_a_spectral_detector_flags_what_keras_flags(spectral_detector, natural, tmp_path):
     from edge.screen import Screener
 

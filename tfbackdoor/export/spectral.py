@@ -13,7 +13,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from edge.screen import make_spectral_entry
+from edge.screen import make_band_entry, make_spectral_entry
 
 from .. import spectral
 
@@ -25,6 +25,11 @@ def sidecar_entry(model):
     layer = next(l for l in model.layers if isinstance(l, spectral.SpectralAnomaly))
     combine = next(l for l in model.layers if isinstance(l, spectral.CombineScores))
     arr = lambda w: keras.ops.convert_to_numpy(w).astype(np.float32)
+    if isinstance(layer, spectral.BandAnomaly):
+        size = layer.scale.shape
+        return make_band_entry(arr(layer.scale), arr(layer.thresholds), spectral.band_edges(size[1], size[2]),
+                               spectral.YCBCR, layer.route_cut, layer.near_zero, spectral.HF_MIN,
+                               combine.threshold, combine.sharpness)
     texture = (arr(layer.texture_ref), arr(layer.texture_thresholds)) if layer.texture else (None, None)
     return make_spectral_entry(arr(layer.scale), arr(layer.thresholds), layer.route_cut, layer.near_zero,
                                spectral.HF_MIN, combine.threshold, combine.sharpness, *texture)
