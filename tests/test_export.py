@@ -261,7 +261,8 @@ def spectral_detector(natural, lossless, tmp_path_factory):
     keras.utils.set_random_seed(0)
     base = detector.build("cnn6", 32, "dct", threshold=0.7)
     detector.adapt_normalization(base, lossless[0][:256], "dct", n=256)
-    model, _ = spectral.fit(base, [fit, perturb.BENIGN_VARIANTS["jpeg75"](fit[:150]).numpy()], [cal], target_fpr=2.0)
+    model, _ = spectral.fit(base, [fit, perturb.BENIGN_VARIANTS["jpeg75"](fit[:150]).numpy()], [cal], target_fpr=2.0,
+                            statistic="texture")
     path = tmp_path_factory.mktemp("spec") / "spec.keras"
     detector.save(model, path)
     return model, path
@@ -373,7 +374,7 @@ def test_a_sidecar_without_spectral_is_the_tflite_alone_and_bad_entries_are_refu
     # the texture statistic's fields (sidecar version 2) are required, and a newer version is refused
     assert side["spectral"]["version"] == 2
     for key, value, match in (("texture_ref", None, "missing texture_ref"), ("texture_thresholds", [1.0], "2 positive"),
-                              ("version", 3, "version 3")):
+                              ("version", 4, "version 4")):
         bad = json.loads(json.dumps(side))
         if value is None:
             del bad["spectral"][key]

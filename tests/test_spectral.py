@@ -20,7 +20,8 @@ def natural(data_dir):
 def fitted(natural):
     fit, cal, _ = natural
     base = detector.build("cnn6", 32, "dct", threshold=0.7)
-    model, report = spectral.fit(base, [fit, perturb.BENIGN_VARIANTS["jpeg75"](fit[:300]).numpy()], [cal], target_fpr=1.0)
+    model, report = spectral.fit(base, [fit, perturb.BENIGN_VARIANTS["jpeg75"](fit[:300]).numpy()], [cal], target_fpr=1.0,
+                                 statistic="texture")
     return base, model, report
 
 

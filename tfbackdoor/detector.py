@@ -413,7 +413,7 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
 # ----------------------------------------------------------------------- the spectral part
 
 def fit_spectral(model, dataset, samples, calibration=500, target_fpr=0.5, seed=0, command=None, verbose=True,
-                 statistic="texture"):
+                 statistic="bands"):
     """Add (or refit) the clean-spectrum anomaly part of a DCT detector (:mod:`tfbackdoor.spectral`).
 
     ``dataset``: clean images, ``A+B+...``; ``samples``: images of each part whose spectra give the

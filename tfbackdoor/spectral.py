@@ -378,7 +378,7 @@ def _fit_bands(layer, fit_sets, cal_sets, target_fpr):
     return count, routed, thr
 
 
-def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=True, statistic=None):
+def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statistic=None):
     """A copy of detector ``model`` with a fitted :class:`SpectralAnomaly` beside its CNN.
 
     ``x_fit``: uint8 clean images (an array or a list, one per source) whose RMS spectra, as is
@@ -389,13 +389,14 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=True, statis
     images routed to the other branch as unflagged, so the spectral part flags at most about
     ``target_fpr`` percent of each set. With ``texture`` both statistics get such a threshold, then
     both are raised by the factor that brings "either passes" back to that quantile.
-    ``statistic``: ``"max"`` (max-z alone), ``"texture"`` (max-z and the texture statistic; the
-    default, or ``"max"`` when ``texture`` is false) or ``"bands"`` (:class:`BandAnomaly`: per band,
+    ``statistic``: ``"max"`` (max-z alone), ``"texture"`` (max-z and the texture statistic) or
+    ``"bands"`` (the default; ``texture=True`` / ``False`` picks ``"texture"`` / ``"max"`` instead;
+    :class:`BandAnomaly`: per band,
     luma and chroma, each threshold first at a tenth of the budget, then all of a branch scaled
     together so that "any passes" flags ``target_fpr`` percent of the worst set). Returns
     ``(model, report)``.
     """
-    statistic = statistic or ("texture" if texture else "max")
+    statistic = statistic or {True: "texture", False: "max", None: "bands"}[None if texture is None else bool(texture)]
     if statistic not in ("max", "texture", "bands"):
         raise TfbdError(f"unknown spectral statistic '{statistic}' (max, texture or bands)")
     texture = statistic == "texture"
