@@ -330,25 +330,31 @@ def _branch_stats(layer, x):
     return br.astype(int), m, med
 
 
-def _fit_bands(layer, fit_sets, cal_sets, target_fpr):
-    """Set a built :class:`BandAnomaly`'s ``scale`` and ``thresholds`` (see :func:`fit`); returns
-    ``(count (2,), routed (2,), thresholds (2, k))``."""
-    size_h, size_w = int(layer.scale.shape[1]), int(layer.scale.shape[2])
-    sq = np.zeros((2, size_h, size_w, 3), np.float64)
-    count = np.zeros(2)
+def _branch_mean_squares(layer, fit_sets, transform=None):
+    """``(mean_sq (2, H, W, C) float64, count (2,), pooled)``: the mean square of every DCT
+    coefficient (after ``transform``, a ``(C, C)`` channel matrix) of the images ``layer`` routes to
+    each branch; with fewer than 50 images of one kind (``pooled``) both rows are all images'."""
+    sq, count = None, np.zeros(2)
     for x in fit_sets:
         c = _coeffs(x)
         br = ops.convert_to_numpy(layer.route(ops.convert_to_tensor(c))).astype(int)
-        y = np.einsum("nuvc,dc->nuvd", c, YCBCR).astype(np.float64)
+        c = (c if transform is None else np.einsum("nuvc,dc->nuvd", c, transform)).astype(np.float64)
+        sq = np.zeros((2,) + c.shape[1:], np.float64) if sq is None else sq
         for b in (0, 1):
-            sq[b] += np.sum(y[br == b] ** 2, axis=0)
+            sq[b] += np.sum(c[br == b] ** 2, axis=0)
             count[b] += int(np.sum(br == b))
-    if count.min() < 50:    # too few images of one kind: both branches share the statistics
-        pooled = sq.sum(0) / max(count.sum(), 1)
-        scale = np.stack([pooled, pooled])
-    else:
-        scale = sq / count[:, None, None, None]
-    layer.scale.assign((np.sqrt(scale) + 1e-3).astype(np.float32))
+    pooled = count.min() < 50    # too few images of one kind: both branches share the statistics
+    if pooled:
+        mean = sq.sum(0) / max(count.sum(), 1)
+        return np.stack([mean, mean]), count, pooled
+    return sq / count[:, None, None, None], count, pooled
+
+
+def _fit_bands(layer, fit_sets, cal_sets, target_fpr):
+    """Set a built :class:`BandAnomaly`'s ``scale`` and ``thresholds`` (see :func:`fit`); returns
+    ``(count (2,), routed (2,), thresholds (2, k))``."""
+    mean_sq, count, _ = _branch_mean_squares(layer, fit_sets, YCBCR)
+    layer.scale.assign((np.sqrt(mean_sq) + 1e-3).astype(np.float32))
 
     cal = []
     routed = np.zeros(2)
@@ -419,24 +425,9 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     layer = SpectralAnomaly(texture=texture, name="spectral_anomaly")
     layer.build((None, size, size, 3))
 
-    sq = np.zeros((2, size, size, 3), np.float64)
-    count = np.zeros(2)
     fit_sets = _variant_sets(x_fit, variants)
-    for x in fit_sets:
-        c = _coeffs(x)
-        br = ops.convert_to_numpy(layer.route(ops.convert_to_tensor(c))).astype(int)
-        for b in (0, 1):
-            sel = c[br == b]
-            sq[b] += np.sum(sel.astype(np.float64) ** 2, axis=0)
-            count[b] += len(sel)
-    pooled_stats = count.min() < 50    # too few images of one kind: both branches share the statistics
-    if pooled_stats:
-        pooled = sq.sum(0) / max(count.sum(), 1)
-        scale = np.stack([pooled, pooled])
-    else:
-        scale = sq / count[:, None, None, None]
-    scale = np.sqrt(scale).astype(np.float32) + 1e-3
-    layer.scale.assign(scale)
+    mean_sq, count, pooled_stats = _branch_mean_squares(layer, fit_sets)
+    layer.scale.assign(np.sqrt(mean_sq).astype(np.float32) + 1e-3)
 
     if texture:   # the clean images' median |X| / scale per branch (the median over images of each one's)
         fit_stats = [_branch_stats(layer, x) for x in fit_sets]
