@@ -389,7 +389,7 @@ def fit_spectral(detector_path, dataset, samples, calibration, target_fpr, stati
     click.echo(f"wrote {out} (CNN threshold {detector.spec_of(new).threshold:.4f} kept; spectral '{statistic}' "
                f"thresholds lossless {thr(rep['thresholds'][0])}, JPEG {thr(rep['thresholds'][1])}"
                + (f", over texture {rep['texture_thresholds'][0]:.2f} / {rep['texture_thresholds'][1]:.2f}"
-                  if rep.get("texture") else "") + f" at {target_fpr}% FPR; "
+                  if statistic == "texture" else "") + f" at {target_fpr}% FPR; "
                f"{rep['fit_images']} + {rep['calibration_images']} images recorded as excluded from evaluation)")
 
 

@@ -118,11 +118,13 @@ class SpectralAnomaly(keras.layers.Layer):
         share = ops.sum(near, axis=(1, 2)) / ops.sum(self._hf)
         return ops.cast(share > self.route_cut, coeffs.dtype)
 
+    def _branch_scale(self, branch):
+        """``(batch, H, W, C)`` each image's row of ``scale`` (its branch's clean RMS)."""
+        return self._pick(self.scale, ops.reshape(branch, (-1, 1, 1, 1)))
+
     def _z(self, coeffs, branch):
         """``(batch, H*W*C)`` ``|X| / scale`` under each image's branch statistics, DC set to 0."""
-        b = ops.reshape(branch, (-1, 1, 1, 1))
-        scale = self.scale[0] * (1.0 - b) + self.scale[1] * b
-        z = ops.abs(coeffs) / scale * self._not_dc
+        z = ops.abs(coeffs) / self._branch_scale(branch) * self._not_dc
         return ops.reshape(z, (ops.shape(z)[0], -1))
 
     def max_z(self, coeffs, branch):
@@ -137,6 +139,7 @@ class SpectralAnomaly(keras.layers.Layer):
 
     @staticmethod
     def _pick(pair, branch):
+        """Row 0 of ``pair`` where ``branch`` is 0 (lossless-like), row 1 where it is 1 (broadcast)."""
         return pair[0] * (1.0 - branch) + pair[1] * branch
 
     def call(self, coeffs):
@@ -214,9 +217,7 @@ class BandAnomaly(SpectralAnomaly):
 
     def band_statistics(self, coeffs, branch):
         """``(batch, 2 * bands)``: the largest luma, then chroma, ``|X_ycbcr| / scale`` of each band."""
-        b = ops.reshape(branch, (-1, 1, 1, 1))
-        scale = self.scale[0] * (1.0 - b) + self.scale[1] * b
-        z = ops.abs(ops.einsum("nuvc,dc->nuvd", coeffs, self._ycbcr)) / scale
+        z = ops.abs(ops.einsum("nuvc,dc->nuvd", coeffs, self._ycbcr)) / self._branch_scale(branch)
         zb = z[:, None] * self._masks[None, :, :, :, None]            # (n, bands, H, W, 3)
         luma = ops.max(zb[..., 0], axis=(2, 3))
         chroma = ops.max(zb[..., 1:], axis=(2, 3, 4))
@@ -224,8 +225,7 @@ class BandAnomaly(SpectralAnomaly):
 
     def call(self, coeffs):
         branch = self.route(coeffs)
-        br = ops.reshape(branch, (-1, 1))
-        thr = self.thresholds[0][None] * (1.0 - br) + self.thresholds[1][None] * br
+        thr = self._pick(self.thresholds, ops.reshape(branch, (-1, 1)))
         return ops.max(self.band_statistics(coeffs, branch) / thr, axis=1)
 
     def get_config(self):
@@ -317,17 +317,29 @@ def _coeffs(x, batch=2048):
         if len(x) else np.zeros((0,) + x.shape[1:], np.float32)
 
 
-def _branch_stats(layer, x):
-    """``(branch, max_z, texture)`` numpy arrays ``(N,)`` of uint8 images ``x`` under ``layer``."""
-    out = [[], [], []]
+def _branch_stats(layer, x, statistics=None):
+    """``(branch, *statistics)`` numpy arrays of uint8 images ``x`` under ``layer``: its branch per
+    image and what ``statistics(coeffs, branch)`` returns (a tuple; default ``layer.statistics``:
+    max-z and texture, ``(N,)`` each), 2,048 images at a time."""
+    statistics = statistics or layer.statistics
+    out = None
     for i in range(0, len(x), 2048):
         c = ops.convert_to_tensor(_coeffs(x[i:i + 2048]))
         br = layer.route(c)
-        m, med = layer.statistics(c, br)
-        for k, v in enumerate((br, m, med)):
+        values = (br,) + tuple(statistics(c, br))
+        out = [[] for _ in values] if out is None else out
+        for k, v in enumerate(values):
             out[k].append(ops.convert_to_numpy(v))
-    br, m, med = (np.concatenate(v) if v else np.zeros(0, np.float32) for v in out)
-    return br.astype(int), m, med
+    br, *rest = (np.concatenate(v) for v in out)
+    return (br.astype(int), *rest)
+
+
+def _worst_quantile(cal_stats, values, q):
+    """``(2,)`` float64: per branch, the highest ``q`` quantile over the calibration sets of
+    ``values(set)`` (one value per image), the images of the other branch counted as 0.
+    ``cal_stats``: one :func:`_branch_stats` tuple per set (branch first)."""
+    return np.array([max(float(np.quantile(np.where(st[0] == b, values(st), 0.0), q)) for st in cal_stats)
+                     for b in (0, 1)])
 
 
 def _branch_mean_squares(layer, fit_sets, transform=None):
@@ -356,30 +368,19 @@ def _fit_bands(layer, fit_sets, cal_sets, target_fpr):
     mean_sq, count, _ = _branch_mean_squares(layer, fit_sets, YCBCR)
     layer.scale.assign((np.sqrt(mean_sq) + 1e-3).astype(np.float32))
 
-    cal = []
-    routed = np.zeros(2)
-    for x in cal_sets:
-        brs, sts = [], []
-        for i in range(0, len(x), 2048):
-            c = ops.convert_to_tensor(_coeffs(x[i:i + 2048]))
-            br = layer.route(c)
-            brs.append(ops.convert_to_numpy(br).astype(int))
-            sts.append(ops.convert_to_numpy(layer.band_statistics(c, br)))
-        br, st = np.concatenate(brs), np.concatenate(sts)
-        routed += np.bincount(br, minlength=2)
-        cal.append((br, st))
+    band_stats = lambda c, br: (layer.band_statistics(c, br),)
+    cal = [_branch_stats(layer, x, band_stats) for x in cal_sets]
+    routed = sum(np.bincount(br, minlength=2) for br, _ in cal)
     k = cal[0][1].shape[1]
     q_each = 1.0 - target_fpr / 100.0 / k      # Bonferroni start: each statistic a k-th of the budget
     q = 1.0 - target_fpr / 100.0
-    thr = np.ones((2, k), np.float32)
+    thr = np.stack([np.maximum(_worst_quantile(cal, lambda st: st[1][:, j], q_each), 1e-3)
+                    for j in range(k)], axis=1).astype(np.float32)
+    # then one factor per branch so that "any statistic passes" flags q of the worst set
+    factor = _worst_quantile(cal, lambda st: np.max(st[1] / thr[st[0]], axis=1), q)
     for b in (0, 1):
-        for j in range(k):
-            thr[b, j] = max(max(float(np.quantile(np.where(br == b, st[:, j], 0.0), q_each)) for br, st in cal), 1e-3)
-        # then one factor for the branch so that "any statistic passes" flags q of the worst set
-        ratio = lambda br, st: np.where(br == b, np.max(st / thr[b], axis=1), 0.0)
-        factor = max(float(np.quantile(ratio(br, st), q)) for br, st in cal)
-        if factor > 0:
-            thr[b] *= factor
+        if factor[b] > 0:
+            thr[b] *= float(factor[b])
     layer.thresholds.assign(thr)
     return count, routed, thr
 
@@ -396,13 +397,13 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     ``target_fpr`` percent of each set. With ``texture`` both statistics get such a threshold, then
     both are raised by the factor that brings "either passes" back to that quantile.
     ``statistic``: ``"max"`` (max-z alone), ``"texture"`` (max-z and the texture statistic) or
-    ``"bands"`` (the default; ``texture=True`` / ``False`` picks ``"texture"`` / ``"max"`` instead;
-    :class:`BandAnomaly`: per band,
-    luma and chroma, each threshold first at a tenth of the budget, then all of a branch scaled
-    together so that "any passes" flags ``target_fpr`` percent of the worst set). Returns
-    ``(model, report)``.
+    ``"bands"`` (:class:`BandAnomaly`: per band, luma and chroma, each threshold first at a tenth of
+    the budget, then all of a branch scaled together so that "any passes" flags ``target_fpr``
+    percent of the worst set). Default ``"bands"``; without ``statistic``, ``texture=True`` /
+    ``False`` picks ``"texture"`` / ``"max"``. Returns ``(model, report)``.
     """
-    statistic = statistic or {True: "texture", False: "max", None: "bands"}[None if texture is None else bool(texture)]
+    if statistic is None:
+        statistic = "bands" if texture is None else ("texture" if texture else "max")
     if statistic not in ("max", "texture", "bands"):
         raise TfbdError(f"unknown spectral statistic '{statistic}' (max, texture or bands)")
     texture = statistic == "texture"
@@ -438,14 +439,11 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
 
     q = 1.0 - target_fpr / 100.0
     cal_stats = [_branch_stats(layer, x) for x in _variant_sets(x_cal, variants)]
-    routed = np.zeros(2)
-    for br, _, _ in cal_stats:
-        routed += np.bincount(br, minlength=2)
+    routed = sum(np.bincount(st[0], minlength=2) for st in cal_stats)
 
     def per_branch_threshold(values):
-        """``(2,)`` the highest ``q`` quantile over the sets of each branch's ``values(set)``."""
-        return np.array([max(max(float(np.quantile(np.where(st[0] == b, values(st), 0.0), q)) for st in cal_stats),
-                             1e-3) for b in (0, 1)], np.float32)
+        """``(2,)`` float32 :func:`_worst_quantile` at ``q``, at least 1e-3."""
+        return np.maximum(_worst_quantile(cal_stats, values, q), 1e-3).astype(np.float32)
 
     thresholds = per_branch_threshold(lambda st: st[1])
     report_extra = {}
@@ -461,8 +459,7 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
                         "texture_thresholds": [round(float(t), 4) for t in tex]}
     layer.thresholds.assign(thresholds.astype(np.float32))
 
-    extra = {"statistic": statistic, "thresholds": [round(float(t), 4) for t in thresholds], "texture": bool(texture),
-             **report_extra}
+    extra = {"statistic": statistic, "thresholds": [round(float(t), 4) for t in thresholds], **report_extra}
     return _assemble(model, spec, layer, x_fit, x_cal, target_fpr, count, routed, extra)
 
 
