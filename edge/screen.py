@@ -328,6 +328,8 @@ class SpectralPart:
         self._d8 = dct_matrix(8)
         p = np.arange(8)
         self._hf = np.add.outer(p, p) >= self.hf_min   # high-frequency positions of an 8x8 block
+        uv = np.add.outer(np.arange(h), np.arange(w))
+        self._band_masks = [(uv >= lo) & (uv <= hi) for lo, hi in self.bands] if self.bands else None
 
     def route(self, pixels: np.ndarray) -> np.ndarray:
         """``(N,)`` branch per image: 1 JPEG-like, 0 lossless-like (``SpectralAnomaly.route``).
@@ -359,14 +361,11 @@ class SpectralPart:
             raise ValueError(f"pixels {list(x.shape[1:])}, expected {list(self.scale.shape[1:])}")
         coeffs = np.einsum("uh,nhwc,vw->nuvc", self._d_h, x, self._d_w, optimize=True)
         branch = self.route(x)
-        if self.bands is not None:   # BandAnomaly: per band, the largest luma and chroma |X_ycbcr| / scale
+        if self._band_masks is not None:   # BandAnomaly: per band, the largest luma and chroma |X_ycbcr| / scale
             z = np.abs(np.einsum("nuvc,dc->nuvd", coeffs, self.ycbcr, optimize=True)) / self.scale[branch]
-            uv = np.add.outer(np.arange(z.shape[1]), np.arange(z.shape[2]))
-            stats = []
-            for group in ((0,), (1, 2)):
-                for lo, hi in self.bands:
-                    mask = (uv >= lo) & (uv <= hi)
-                    stats.append(z[:, mask][:, :, list(group)].reshape(len(x), -1).max(axis=1))
+            in_band = [z[:, mask] for mask in self._band_masks]                # (N, coefficients, 3) each
+            stats = [zb[..., 0].max(axis=1) for zb in in_band] + \
+                    [zb[..., 1:].reshape(len(x), -1).max(axis=1) for zb in in_band]
             return (np.stack(stats, axis=1) / self.thresholds[branch]).max(axis=1)
         z = np.abs(coeffs) / self.scale[branch]
         z[:, 0, 0, :] = 0.0   # the DC term (mean brightness) is never evidence
