@@ -351,10 +351,11 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, batch_size, tr
               help="More held-out images of each part that set the spectral thresholds (with their benign variants).")
 @click.option("--target-fpr", type=float, default=0.5, show_default=True,
               help="The spectral part flags at most about this % of each calibration set and benign variant.")
-@click.option("--statistic", type=click.Choice(["bands", "texture", "max"]), default="bands", show_default=True,
+@click.option("--statistic", type=click.Choice(["bands", "grid", "texture", "max"]), default="bands", show_default=True,
               help="bands: the largest luma and chroma coefficient of each of 5 frequency bands, each with its own "
-                   "threshold; texture: the largest coefficient, and it over the image's median one; max: the "
-                   "largest coefficient alone (round 5).")
+                   "threshold; grid: the bands and the JPEG-grid statistic (a local edit made after JPEG decoding "
+                   "moves its 8x8 blocks off the quantisation lattice); texture: the largest coefficient, and it "
+                   "over the image's median one; max: the largest coefficient alone (round 5).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), required=True)
 @handle_errors

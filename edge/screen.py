@@ -195,7 +195,9 @@ def make_sidecar(threshold: float, image_size: Sequence[int], sha256: str, **ext
 
 SPECTRAL_VERSION = 2      # 2: the texture statistic (``texture_ref``, ``texture_thresholds``); 1: max-z only
 BANDS_VERSION = 3         # 3: the band statistic (``bands``, ``ycbcr``, ``thresholds`` [2, 2 x bands])
-SPECTRAL_VERSIONS = (1, 2, 3)
+GRID_VERSION = 4          # 4: the bands and the JPEG-grid statistic (``grid``, ``thresholds`` [2, 2 x bands + 1])
+SPECTRAL_VERSIONS = (1, 2, 3, 4)
+GRID_KEYS = ("tables", "big", "tol", "floor")
 
 
 def dct_matrix(n: int) -> np.ndarray:
@@ -248,17 +250,25 @@ def make_spectral_entry(scale: Any, thresholds: Any, route_cut: float, near_zero
 
 
 def make_band_entry(scale: Any, thresholds: Any, bands: Sequence[Sequence[int]], ycbcr: Any, route_cut: float,
-                    near_zero: float, hf_min: int, threshold: float, sharpness: float) -> Dict[str, Any]:
+                    near_zero: float, hf_min: int, threshold: float, sharpness: float,
+                    grid: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The sidecar's ``"spectral"`` entry of ``BandAnomaly`` (version 3): ``scale`` ``(2, H, W, 3)``
     (YCbCr RMS), ``thresholds`` ``(2, 2 x bands)`` (luma bands, then chroma bands; row 0
     lossless-like, row 1 JPEG-like), the ``u + v`` ``bands`` and the ``ycbcr`` 3x3 matrix, plus the
-    router constants and ``CombineScores``' ``threshold`` and ``sharpness``."""
-    return {"version": BANDS_VERSION, "statistic": "bands", "scale": encode_float32(scale),
-            "thresholds": [[float(v) for v in row] for row in np.asarray(thresholds, np.float32)],
-            "bands": [[int(lo), int(hi)] for lo, hi in bands],
-            "ycbcr": [[float(v) for v in row] for row in np.asarray(ycbcr, np.float32)],
-            "route_cut": float(route_cut), "near_zero": float(near_zero), "hf_min": int(hf_min),
-            "threshold": float(threshold), "sharpness": float(sharpness)}
+    router constants and ``CombineScores``' ``threshold`` and ``sharpness``. With the JPEG-grid
+    statistic (version 4) ``grid`` holds its quantisation ``tables`` ``(qualities, 8, 8)`` and its
+    constants ``big``, ``tol``, ``floor``, and ``thresholds`` has one more column."""
+    entry = {"version": BANDS_VERSION, "statistic": "bands", "scale": encode_float32(scale),
+             "thresholds": [[float(v) for v in row] for row in np.asarray(thresholds, np.float32)],
+             "bands": [[int(lo), int(hi)] for lo, hi in bands],
+             "ycbcr": [[float(v) for v in row] for row in np.asarray(ycbcr, np.float32)],
+             "route_cut": float(route_cut), "near_zero": float(near_zero), "hf_min": int(hf_min),
+             "threshold": float(threshold), "sharpness": float(sharpness)}
+    if grid is not None:
+        entry.update({"version": GRID_VERSION, "statistic": "grid",
+                      "grid": {"tables": np.asarray(grid["tables"], np.float32).astype(int).tolist(),
+                               **{k: float(grid[k]) for k in GRID_KEYS[1:]}}})
+    return entry
 
 
 class SpectralPart:
@@ -275,7 +285,8 @@ class SpectralPart:
         if version not in SPECTRAL_VERSIONS:
             raise ValueError(f"version {version!r} is not one of {list(SPECTRAL_VERSIONS)} (a newer screen.py is needed)")
         texture_keys = ("texture_ref", "texture_thresholds") if version == 2 else ()
-        band_keys = ("bands", "ycbcr") if version == BANDS_VERSION else ()
+        band_keys = ("bands", "ycbcr") + (("grid",) if version == GRID_VERSION else ()) \
+            if version in (BANDS_VERSION, GRID_VERSION) else ()
         missing = [k for k in ("scale", "thresholds", "route_cut", "near_zero", "hf_min", "threshold", "sharpness")
                    + texture_keys + band_keys if k not in entry]
         if missing:
@@ -296,9 +307,10 @@ class SpectralPart:
                 thresholds = np.asarray(entry["thresholds"], np.float64)
             except (TypeError, ValueError):
                 raise ValueError("bands, ycbcr and thresholds must be lists of numbers") from None
-            if self.ycbcr.shape != (3, 3) or thresholds.shape != (2, 2 * len(self.bands)) or not self.bands:
+            columns = 2 * len(self.bands) + int(version == GRID_VERSION)
+            if self.ycbcr.shape != (3, 3) or thresholds.shape != (2, columns) or not self.bands:
                 raise ValueError(f"thresholds {list(thresholds.shape)} for {len(self.bands)} bands "
-                                 f"(expected [2, {2 * len(self.bands)}]) or ycbcr not 3x3")
+                                 f"(expected [2, {columns}]) or ycbcr not 3x3")
         else:
             thresholds = np.asarray(entry["thresholds"], np.float64)
         numbers = [entry[k] for k in ("route_cut", "near_zero", "hf_min", "threshold", "sharpness")]
@@ -315,6 +327,7 @@ class SpectralPart:
             if pair.shape != (2,) or not np.all(np.isfinite(pair)) or not np.all(pair > 0):
                 raise ValueError(f"{key} must be 2 positive numbers")
             setattr(self, key, pair)
+        self.grid = self._read_grid(entry["grid"]) if version == GRID_VERSION else None
         self.scale = scale.astype(np.float64)
         self.thresholds = thresholds
         self.route_cut = float(entry["route_cut"])
@@ -330,6 +343,52 @@ class SpectralPart:
         self._hf = np.add.outer(p, p) >= self.hf_min   # high-frequency positions of an 8x8 block
         uv = np.add.outer(np.arange(h), np.arange(w))
         self._band_masks = [(uv >= lo) & (uv <= hi) for lo, hi in self.bands] if self.bands else None
+
+    @staticmethod
+    def _read_grid(grid: Any) -> Dict[str, Any]:
+        """The checked ``grid`` entry: ``tables`` ``(Q, 8, 8)`` float64 steps >= 1, the constants, and
+        the share of AC terms a random value fits at each quality (``chance``)."""
+        if not isinstance(grid, dict) or any(k not in grid for k in GRID_KEYS):
+            raise ValueError(f"grid must hold {', '.join(GRID_KEYS)}")
+        try:
+            tables = np.asarray(grid["tables"], np.float64)
+            consts = {k: float(grid[k]) for k in GRID_KEYS[1:]}
+        except (TypeError, ValueError):
+            raise ValueError("grid tables and constants must be numbers") from None
+        if tables.ndim != 3 or tables.shape[1:] != (8, 8) or not len(tables) or not np.all(tables >= 1) \
+                or not all(math.isfinite(v) and v > 0 for v in consts.values()):
+            raise ValueError(f"grid tables {list(tables.shape)} (expected [Q, 8, 8], steps >= 1) "
+                             "or constants not positive")
+        ac = np.ones((8, 8), bool)
+        ac[0, 0] = False
+        chance = np.minimum(1.0, 2.0 * consts["tol"] / tables[:, ac]).mean(axis=1)
+        return {"tables": tables, "chance": chance, "ac": ac, **consts}
+
+    def grid_statistic(self, pixels: np.ndarray) -> np.ndarray:
+        """``(N,)`` the JPEG-grid statistic (``BandAnomaly.grid_statistic``): the quality whose
+        lattice the luma 8x8 block DCT fits best, each block's RMS distance to it (AC terms), the
+        largest over the mean of the quieter half (at least ``floor``); 0 without 2 whole blocks."""
+        g = self.grid
+        n, h, w = pixels.shape[:3]
+        nb = (h // 8) * (w // 8)
+        if h % 8 or w % 8 or nb < 2:
+            return np.zeros(n)
+        luma = pixels[..., 0] * 0.299 + pixels[..., 1] * 0.587 + pixels[..., 2] * 0.114 - 128.0
+        c = np.einsum("pi,nbicj,qj->nbpcq", self._d8, luma.reshape(n, h // 8, 8, w // 8, 8), self._d8,
+                      optimize=True)
+        ac = g["ac"].reshape(1, 1, 8, 1, 8)
+        big = (np.abs(c) > g["big"]) & ac
+        n_big = np.maximum(big.sum(axis=(1, 2, 3, 4)), 1)
+        best, best_d2 = np.full(n, -np.inf), np.zeros_like(c)
+        for table, chance in zip(g["tables"], g["chance"]):
+            t = table.reshape(1, 1, 8, 1, 8)
+            d = c - np.round(c / t) * t
+            fit = ((np.abs(d) < g["tol"]) & big).sum(axis=(1, 2, 3, 4)) / n_big - chance
+            better = fit > best          # ties keep the lower quality, as the layer does
+            best = np.where(better, fit, best)
+            best_d2[better] = d[better] ** 2
+        rms = np.sort(np.sqrt((best_d2 * ac).sum(axis=(2, 4)) / 63.0).reshape(n, nb), axis=1)
+        return rms[:, -1] / np.maximum(rms[:, :nb // 2].mean(axis=1), g["floor"])
 
     def route(self, pixels: np.ndarray) -> np.ndarray:
         """``(N,)`` branch per image: 1 JPEG-like, 0 lossless-like (``SpectralAnomaly.route``).
@@ -366,6 +425,8 @@ class SpectralPart:
             in_band = [z[:, mask] for mask in self._band_masks]                # (N, coefficients, 3) each
             stats = [zb[..., 0].max(axis=1) for zb in in_band] + \
                     [zb[..., 1:].reshape(len(x), -1).max(axis=1) for zb in in_band]
+            if self.grid is not None:
+                stats.append(self.grid_statistic(x))
             return (np.stack(stats, axis=1) / self.thresholds[branch]).max(axis=1)
         z = np.abs(coeffs) / self.scale[branch]
         z[:, 0, 0, :] = 0.0   # the DC term (mean brightness) is never evidence

@@ -298,16 +298,27 @@ def test_numpy_spectral_part_equals_the_keras_layers(spectral_detector, natural)
     assert part.threshold == pytest.approx(0.7) and part.scale.shape == (2, 32, 32, 3)
 
 
-def test_numpy_band_part_equals_the_keras_layer(natural, lossless):
+@pytest.mark.parametrize("statistic,version", [("bands", 3), ("grid", 4)])
+def test_numpy_band_part_equals_the_keras_layer(natural, lossless, statistic, version):
     from edge.screen import SpectralPart
     from tfbackdoor import spectral
 
     fit, cal, test = natural
     base = detector.build("cnn6", 32, "dct", threshold=0.7)
-    model, _ = spectral.fit(base, [fit, perturb_jpeg75(fit[:150])], [cal], target_fpr=2.0, statistic="bands")
+    model, _ = spectral.fit(base, [fit, perturb_jpeg75(fit[:150])], [cal], target_fpr=2.0, statistic=statistic)
     x = _mixed(test)
+    if statistic == "grid":     # patches made after JPEG decoding: what the grid statistic is for
+        x = np.concatenate([x, triggers.get("badnets")(perturb_jpeg75(test[:60])).numpy()])
     entry = json.loads(json.dumps(export.sidecar_entry(model)))
-    assert entry["version"] == 3 and entry["statistic"] == "bands" and len(entry["bands"]) == 5
+    assert entry["version"] == version and entry["statistic"] == statistic and len(entry["bands"]) == 5
+    if statistic == "grid":
+        bad = json.loads(json.dumps(entry))
+        bad["grid"]["tables"] = [[[0] * 8] * 8]
+        with pytest.raises(ValueError, match="grid tables"):
+            SpectralPart(bad, (32, 32))
+        del bad["grid"]
+        with pytest.raises(ValueError, match="missing grid"):
+            SpectralPart(bad, (32, 32))
     part = SpectralPart(entry, (32, 32))
     layer = model.get_layer("spectral_anomaly")
     keras_ratio = layer(frequency.dct2d(x)).numpy()

@@ -142,6 +142,64 @@ def test_the_band_statistic_catches_sig_and_survives_save_and_load(data_dir, tmp
         spectral.fit(base, fit, cal, statistic="median")
 
 
+def test_jpeg_tables_are_the_lattice_libjpeg_quantises_to():
+    """An image saved at quality 60 by TensorFlow's libjpeg, then decoded: its luma 8x8 block
+    coefficients (> 90% of them) lie within the decoder's rounding of multiples of ``jpeg_tables()`` at 60, not
+    of its neighbours' steps (so the table formula is libjpeg's)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    smooth = tf.image.resize(rng.uniform(0, 255, (1, 8, 8, 3)), (64, 64), "bicubic")
+    img = tf.cast(tf.clip_by_value(smooth + rng.normal(0, 12, (1, 64, 64, 3)), 0, 255), tf.uint8)[0]
+    dec = tf.io.decode_jpeg(tf.io.encode_jpeg(img, quality=60)).numpy().astype(np.float64)
+    luma = dec[..., 0] * 0.299 + dec[..., 1] * 0.587 + dec[..., 2] * 0.114 - 128.0
+    d8 = spectral.frequency.dct_matrix(8)
+    c = np.einsum("pi,bicj,qj->bcpq", d8, luma.reshape(8, 8, 8, 8), d8)
+    tables = spectral.jpeg_tables()
+    lo = spectral.GRID_QUALITIES[0]
+
+    def fit(q):
+        t = tables[q - lo]
+        d = c - np.round(c / t) * t
+        big = np.abs(c) > spectral.GRID_BIG
+        big[..., 0, 0] = False
+        return (np.abs(d)[big] < spectral.GRID_TOL).mean()
+
+    assert fit(60) > 0.9 and fit(50) < 0.6 and fit(70) < 0.6, (fit(60), fit(50), fit(70))
+
+
+def test_the_grid_statistic_finds_edits_made_after_jpeg_decoding_not_global_changes(data_dir, tmp_path):
+    """A 4x4 patch or a pasted icon on decoded JPEG images moves their blocks off the quantisation
+    lattice; contrast, another JPEG quality, blur and lossless images move every block alike."""
+    from tfbackdoor import data
+
+    jp = data.load_arrays("cifar10:train", limit=600, seed=5)[0]
+    lo = data.load_arrays("cifar10:lossless", limit=300, seed=5)[0]
+    layer = spectral.BandAnomaly(grid=True)
+    layer.build((None, 32, 32, 3))
+    g = lambda x: layer.grid_statistic(dct2d(np.asarray(x))).numpy()
+    clean = [g(jp), g(lo)] + [g(perturb.BENIGN_VARIANTS[v](jp).numpy()) for v in ("contrast", "jpeg50", "blur", "brighter")]
+    cut = max(np.quantile(v, 0.99) for v in clean)
+    assert max((v > cut).mean() for v in clean) <= 0.01
+    patched = g(triggers.get("badnets")(jp).numpy())
+    assert (patched > cut).mean() >= 0.8
+    assert (g(triggers.get("insert_image")(jp).numpy()) > cut).mean() >= 0.8
+    assert np.median(clean[2]) < 0.3 * np.median(patched)      # contrast: every block alike
+    # the detector's layer: one more threshold column, kept by save/load; old configs have none
+    base = detector.build("cnn6", 32, "dct", threshold=0.7)
+    model, report = spectral.fit(base, [jp[:400], lo[:150]], [jp[400:], lo[150:]], target_fpr=1.0, statistic="grid")
+    assert report["statistic"] == "grid" and np.array(report["thresholds"]).shape == (2, 11)
+    path = tmp_path / "grid.keras"
+    detector.save(model, path)
+    again = detector.load(path).get_layer("spectral_anomaly")
+    assert again.grid and tuple(again.thresholds.shape) == (2, 11)
+    config = spectral.BandAnomaly().get_config()
+    config.pop("grid")      # a config saved before the option existed
+    old = spectral.BandAnomaly.from_config(config)
+    old.build((None, 32, 32, 3))
+    assert not old.grid and tuple(old.thresholds.shape) == (2, 10)
+
+
 def test_band_edges_cover_every_frequency_but_the_dc_once():
     for size in (32, 64, 224):
         masks = spectral.band_masks(size, size)

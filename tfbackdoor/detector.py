@@ -419,7 +419,7 @@ def fit_spectral(model, dataset, samples, calibration=500, target_fpr=0.5, seed=
     ``dataset``: clean images, ``A+B+...``; ``samples``: images of each part whose spectra give the
     statistics (an int, or one per part); ``calibration``: more images of each part, held out,
     that set the spectral thresholds at ``target_fpr`` percent of every (part, benign variant) set;
-    ``statistic``: ``max``, ``texture`` or ``bands`` (:func:`tfbackdoor.spectral.fit`).
+    ``statistic``: ``max``, ``texture``, ``bands`` or ``grid`` (:func:`tfbackdoor.spectral.fit`).
     Both kinds of ids are recorded as exclusions (never evaluated on), merged with the model's.
     Returns the new model (the CNN, its threshold and its info unchanged, plus ``info["spectral"]``).
     """

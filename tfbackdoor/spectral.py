@@ -182,6 +182,30 @@ def band_masks(h: int, w: int) -> np.ndarray:
     return np.stack([((uv >= lo) & (uv <= hi)).astype(np.float32) for lo, hi in band_edges(h, w)])
 
 
+#: JPEG's example luminance quantisation table (ITU-T T.81 Annex K, the one libjpeg, PIL and TensorFlow
+#: scale by quality), in block order ``[u, v]``.
+JPEG_LUMA_TABLE = np.array([
+    [16, 11, 10, 16, 24, 40, 51, 61], [12, 12, 14, 19, 26, 58, 60, 55], [14, 13, 16, 24, 40, 57, 69, 56],
+    [14, 17, 22, 29, 51, 87, 80, 62], [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
+    [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]], np.float32)
+#: what :func:`fit`'s ``statistic`` takes
+STATISTICS = ("max", "texture", "bands", "grid")
+GRID_QUALITIES = (10, 100)   # the JPEG qualities the grid statistic tries (inclusive)
+GRID_BIG = 2.5     # |block coefficient| (luma levels) above which it can show the lattice
+GRID_TOL = 1.25    # distance to the nearest lattice point below which a coefficient fits it
+GRID_FLOOR = 0.5   # floor of the quiet blocks' RMS distance (about the decoder's rounding noise)
+
+
+def jpeg_tables(qualities=GRID_QUALITIES, base=JPEG_LUMA_TABLE) -> np.ndarray:
+    """``(n, 8, 8)`` float32 quantisation steps of ``base`` at each quality in ``qualities[0]..[1]``,
+    scaled as libjpeg's ``jpeg_quality_scaling`` does (steps at least 1)."""
+    out = []
+    for q in range(int(qualities[0]), int(qualities[1]) + 1):
+        s = 5000.0 / q if q < 50 else 200.0 - 2.0 * q
+        out.append(np.maximum(np.floor((base * s + 50.0) / 100.0), 1.0))
+    return np.stack(out).astype(np.float32)
+
+
 @keras.saving.register_keras_serializable(package="tfbackdoor")
 class BandAnomaly(SpectralAnomaly):
     """Codec-routed clean-spectrum anomaly over frequency bands, luma and chroma apart.
@@ -197,31 +221,85 @@ class BandAnomaly(SpectralAnomaly):
     ratios (> 1 flagged). Explored on images the detector had recorded (never evaluation ones):
     SIG 91% at 0.5% of each clean set and benign variant, FTrojan, CTRL and Trojan-WM 100%.
 
-    Weights (set by :func:`fit` with ``statistic="bands"``): ``scale`` ``(2, H, W, 3)`` (YCbCr RMS),
-    ``thresholds`` ``(2, 2 * bands)`` (luma bands, then chroma bands). Output ``(batch,)``.
+    With ``grid=True`` (``fit(statistic="grid")``, issue 11 round 7) one more statistic joins the
+    10: the *JPEG-grid* statistic (:meth:`grid_statistic`), evidence of a local edit made after JPEG
+    decoding, with its own threshold per branch like the others.
+
+    Weights (set by :func:`fit` with ``statistic="bands"`` or ``"grid"``): ``scale`` ``(2, H, W, 3)``
+    (YCbCr RMS), ``thresholds`` ``(2, 2 * bands [+ 1])`` (luma bands, then chroma bands, then the
+    grid statistic). Output ``(batch,)``.
     """
 
-    def __init__(self, route_cut=ROUTE_CUT, near_zero=NEAR_ZERO, **kwargs):
+    def __init__(self, route_cut=ROUTE_CUT, near_zero=NEAR_ZERO, grid=False, **kwargs):
         kwargs.pop("texture", None)
         super().__init__(route_cut, near_zero, texture=False, **kwargs)
+        self.grid = bool(grid)   # False: models fitted before the grid statistic existed
 
     def build(self, input_shape):
         h, w, c = int(input_shape[1]), int(input_shape[2]), int(input_shape[3])
         masks = band_masks(h, w)
         self.scale = self.add_weight(shape=(2, h, w, c), initializer="ones", trainable=False, name="scale")
-        self.thresholds = self.add_weight(shape=(2, 2 * len(masks)), initializer="ones", trainable=False,
-                                          name="thresholds")
+        self.thresholds = self.add_weight(shape=(2, 2 * len(masks) + int(self.grid)), initializer="ones",
+                                          trainable=False, name="thresholds")
         self._masks = ops.convert_to_tensor(masks)
         self._ycbcr = ops.convert_to_tensor(YCBCR)
         self._build_constants(h, w, c)
+        if self.grid:
+            self._tables = [ops.convert_to_tensor(t.reshape(1, 1, 8, 1, 8)) for t in jpeg_tables()]
+            self._chance = [float(np.mean(np.minimum(1.0, 2.0 * GRID_TOL / np.delete(t.ravel(), 0))))
+                            for t in jpeg_tables()]
+            ac = np.ones((8, 8), np.float32)
+            ac[0, 0] = 0.0
+            self._ac = ops.convert_to_tensor(ac.reshape(1, 1, 8, 1, 8))
+
+    def grid_statistic(self, coeffs):
+        """``(batch,)`` evidence of a local edit made after JPEG decoding (0 unless H and W are
+        multiples of 8 with at least 2 blocks).
+
+        Why (issue 11, round 7): a JPEG-decoded image's 8x8 block DCT coefficients (luma, on the
+        JPEG grid) sit on the lattice of the encoder's quantisation steps, up to the decoder's
+        rounding; any change made to the pixels afterwards (a patch, a pasted icon, a watermark)
+        moves the coefficients of the blocks it touches off that lattice. So, per image: the
+        quality whose steps (:func:`jpeg_tables`) the coefficients fit best, counted over those
+        large enough to show it (``|c| > GRID_BIG``, within ``GRID_TOL`` of a lattice point, minus
+        the share a random value would fit by chance); then each block's RMS distance to that
+        lattice (AC terms); the statistic is the largest block's over the mean of the quieter
+        half (at least ``GRID_FLOOR``). A global change (contrast, blur, resizing, another
+        quantisation) moves every block alike and leaves the ratio low; an image that never was
+        a JPEG has no lattice, and every block is as far from one.
+        """
+        n, h, w = ops.shape(coeffs)[0], int(coeffs.shape[1]), int(coeffs.shape[2])
+        if not self._routable or (h // 8) * (w // 8) < 2:
+            return ops.zeros((n,), coeffs.dtype)
+        pix = ops.einsum("uh,nuvc,vw->nhwc", self._d_h, coeffs, self._d_w)
+        luma = pix[..., 0] * 0.299 + pix[..., 1] * 0.587 + pix[..., 2] * 0.114 - 128.0
+        c = ops.reshape(ops.einsum("ph,nhw,qw->npq", self._b_h, luma, self._b_w), (-1, h // 8, 8, w // 8, 8))
+        big = ops.cast(ops.abs(c) > GRID_BIG, c.dtype) * self._ac
+        n_big = ops.maximum(ops.sum(big, axis=(1, 2, 3, 4)), 1.0)
+        best, best_d2 = None, None
+        for table, chance in zip(self._tables, self._chance):   # ~90 qualities; each keeps (n, H, W) only
+            d = c - ops.round(c / table) * table
+            fit = ops.sum(ops.cast(ops.abs(d) < GRID_TOL, c.dtype) * big, axis=(1, 2, 3, 4)) / n_big - chance
+            if best is None:
+                best, best_d2 = fit, ops.square(d)
+            else:
+                better = fit > best                      # ties keep the lower quality (coarser steps)
+                best = ops.where(better, fit, best)
+                best_d2 = ops.where(ops.reshape(better, (-1, 1, 1, 1, 1)), ops.square(d), best_d2)
+        rms = ops.sqrt(ops.sum(best_d2 * self._ac, axis=(2, 4)) / 63.0)        # (n, H/8, W/8)
+        rms = ops.sort(ops.reshape(rms, (-1, (h // 8) * (w // 8))), axis=1)
+        quiet = ops.mean(rms[:, :(h // 8) * (w // 8) // 2], axis=1)
+        return rms[:, -1] / ops.maximum(quiet, GRID_FLOOR)
 
     def band_statistics(self, coeffs, branch):
-        """``(batch, 2 * bands)``: the largest luma, then chroma, ``|X_ycbcr| / scale`` of each band."""
+        """``(batch, 2 * bands [+ 1])``: the largest luma, then chroma, ``|X_ycbcr| / scale`` of each
+        band (then, with ``grid``, :meth:`grid_statistic`)."""
         z = ops.abs(ops.einsum("nuvc,dc->nuvd", coeffs, self._ycbcr)) / self._branch_scale(branch)
         zb = z[:, None] * self._masks[None, :, :, :, None]            # (n, bands, H, W, 3)
         luma = ops.max(zb[..., 0], axis=(2, 3))
         chroma = ops.max(zb[..., 1:], axis=(2, 3, 4))
-        return ops.concatenate([luma, chroma], axis=1)
+        parts = [luma, chroma] + ([ops.reshape(self.grid_statistic(coeffs), (-1, 1))] if self.grid else [])
+        return ops.concatenate(parts, axis=1)
 
     def call(self, coeffs):
         branch = self.route(coeffs)
@@ -231,6 +309,7 @@ class BandAnomaly(SpectralAnomaly):
     def get_config(self):
         config = super().get_config()
         config.pop("texture", None)
+        config["grid"] = self.grid
         return config
 
 
@@ -397,15 +476,17 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     ``target_fpr`` percent of each set. With ``texture`` both statistics get such a threshold, then
     both are raised by the factor that brings "either passes" back to that quantile.
     ``statistic``: ``"max"`` (max-z alone), ``"texture"`` (max-z and the texture statistic) or
-    ``"bands"`` (:class:`BandAnomaly`: per band, luma and chroma, each threshold first at a tenth of
-    the budget, then all of a branch scaled together so that "any passes" flags ``target_fpr``
-    percent of the worst set). Default ``"bands"``; without ``statistic``, ``texture=True`` /
-    ``False`` picks ``"texture"`` / ``"max"``. Returns ``(model, report)``.
+    ``"bands"`` (:class:`BandAnomaly`: per band, luma and chroma, each threshold first at a
+    ``k``-th of the budget, then all of a branch scaled together so that "any passes" flags
+    ``target_fpr`` percent of the worst set) or ``"grid"`` (the bands and the JPEG-grid statistic,
+    :meth:`BandAnomaly.grid_statistic`, fitted the same way). Default ``"bands"``; without
+    ``statistic``, ``texture=True`` / ``False`` picks ``"texture"`` / ``"max"``. Returns
+    ``(model, report)``.
     """
     if statistic is None:
         statistic = "bands" if texture is None else ("texture" if texture else "max")
-    if statistic not in ("max", "texture", "bands"):
-        raise TfbdError(f"unknown spectral statistic '{statistic}' (max, texture or bands)")
+    if statistic not in STATISTICS:
+        raise TfbdError(f"unknown spectral statistic '{statistic}' ({', '.join(STATISTICS)})")
     texture = statistic == "texture"
     spec = _spec(model)
     if spec.domain != "dct":
@@ -415,13 +496,15 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     if not sum(len(x) for x in x_fit) or not sum(len(x) for x in x_cal):
         raise TfbdError("fitting the spectral model needs fit and calibration images (got none)")
     size = spec.image_size
-    if statistic == "bands":
-        layer = BandAnomaly(name="spectral_anomaly")
+    if statistic in ("bands", "grid"):
+        layer = BandAnomaly(grid=statistic == "grid", name="spectral_anomaly")
         layer.build((None, size, size, 3))
         count, routed, thr = _fit_bands(layer, _variant_sets(x_fit, variants), _variant_sets(x_cal, variants),
                                         target_fpr)
-        extra = {"statistic": "bands", "bands": [list(e) for e in band_edges(size, size)],
+        extra = {"statistic": statistic, "bands": [list(e) for e in band_edges(size, size)],
                  "thresholds": [[round(float(t), 4) for t in row] for row in thr]}
+        if layer.grid:
+            extra["grid"] = {"qualities": list(GRID_QUALITIES), "big": GRID_BIG, "tol": GRID_TOL, "floor": GRID_FLOOR}
         return _assemble(model, spec, layer, x_fit, x_cal, target_fpr, count, routed, extra)
     layer = SpectralAnomaly(texture=texture, name="spectral_anomaly")
     layer.build((None, size, size, 3))

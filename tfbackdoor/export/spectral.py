@@ -27,9 +27,11 @@ def sidecar_entry(model):
     arr = lambda w: keras.ops.convert_to_numpy(w).astype(np.float32)
     if isinstance(layer, spectral.BandAnomaly):
         size = layer.scale.shape
+        grid = {"tables": spectral.jpeg_tables(), "big": spectral.GRID_BIG, "tol": spectral.GRID_TOL,
+                "floor": spectral.GRID_FLOOR} if layer.grid else None
         return make_band_entry(arr(layer.scale), arr(layer.thresholds), spectral.band_edges(size[1], size[2]),
                                spectral.YCBCR, layer.route_cut, layer.near_zero, spectral.HF_MIN,
-                               combine.threshold, combine.sharpness)
+                               combine.threshold, combine.sharpness, grid)
     texture = (arr(layer.texture_ref), arr(layer.texture_thresholds)) if layer.texture else (None, None)
     return make_spectral_entry(arr(layer.scale), arr(layer.thresholds), layer.route_cut, layer.near_zero,
                                spectral.HF_MIN, combine.threshold, combine.sharpness, *texture)
@@ -37,4 +39,6 @@ def sidecar_entry(model):
 
 def describe_entry(entry) -> dict:
     """The entry for people (the command's report): the scale's shape instead of its bytes."""
-    return {k: ({"dtype": v["dtype"], "shape": v["shape"]} if k == "scale" else v) for k, v in entry.items()}
+    brief = {"scale": lambda v: {"dtype": v["dtype"], "shape": v["shape"]},
+             "grid": lambda v: {**v, "tables": f"{len(v['tables'])} quantisation tables"}}
+    return {k: brief[k](v) if k in brief else v for k, v in entry.items()}
