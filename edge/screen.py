@@ -197,7 +197,7 @@ SPECTRAL_VERSION = 2      # 2: the texture statistic (``texture_ref``, ``texture
 BANDS_VERSION = 3         # 3: the band statistic (``bands``, ``ycbcr``, ``thresholds`` [2, 2 x bands])
 GRID_VERSION = 4          # 4: the bands and the JPEG-grid statistic (``grid``, ``thresholds`` [2, 2 x bands + 1])
 SPECTRAL_VERSIONS = (1, 2, 3, 4)
-GRID_KEYS = ("tables", "big", "tol", "floor")
+GRID_KEYS = ("tables", "big", "tol", "floor", "clipped")
 
 
 def dct_matrix(n: int) -> np.ndarray:
@@ -257,7 +257,7 @@ def make_band_entry(scale: Any, thresholds: Any, bands: Sequence[Sequence[int]],
     lossless-like, row 1 JPEG-like), the ``u + v`` ``bands`` and the ``ycbcr`` 3x3 matrix, plus the
     router constants and ``CombineScores``' ``threshold`` and ``sharpness``. With the JPEG-grid
     statistic (version 4) ``grid`` holds its quantisation ``tables`` ``(qualities, 8, 8)`` and its
-    constants ``big``, ``tol``, ``floor``, and ``thresholds`` has one more column."""
+    constants ``big``, ``tol``, ``floor``, ``clipped``, and ``thresholds`` has one more column."""
     entry = {"version": BANDS_VERSION, "statistic": "bands", "scale": encode_float32(scale),
              "thresholds": [[float(v) for v in row] for row in np.asarray(thresholds, np.float32)],
              "bands": [[int(lo), int(hi)] for lo, hi in bands],
@@ -367,7 +367,8 @@ class SpectralPart:
     def grid_statistic(self, pixels: np.ndarray) -> np.ndarray:
         """``(N,)`` the JPEG-grid statistic (``BandAnomaly.grid_statistic``): the quality whose
         lattice the luma 8x8 block DCT fits best, each block's RMS distance to it (AC terms), the
-        largest over the mean of the quieter half (at least ``floor``); 0 without 2 whole blocks."""
+        largest (blocks with more than ``clipped`` pixels at 0 or 255 left out) over the mean of
+        the quieter half (at least ``floor``); 0 without 2 whole blocks."""
         g = self.grid
         n, h, w = pixels.shape[:3]
         nb = (h // 8) * (w // 8)
@@ -387,8 +388,11 @@ class SpectralPart:
             better = fit > best          # ties keep the lower quality, as the layer does
             best = np.where(better, fit, best)
             best_d2[better] = d[better] ** 2
-        rms = np.sort(np.sqrt((best_d2 * ac).sum(axis=(2, 4)) / 63.0).reshape(n, nb), axis=1)
-        return rms[:, -1] / np.maximum(rms[:, :nb // 2].mean(axis=1), g["floor"])
+        rms = np.sqrt((best_d2 * ac).sum(axis=(2, 4)) / 63.0).reshape(n, nb)
+        clip = (pixels.max(axis=3) >= 254.5) | (pixels.min(axis=3) <= 0.5)
+        clipped = clip.reshape(n, h // 8, 8, w // 8, 8).sum(axis=(2, 4)).reshape(n, nb)
+        top = np.where(clipped > g["clipped"], 0.0, rms).max(axis=1)
+        return top / np.maximum(np.sort(rms, axis=1)[:, :nb // 2].mean(axis=1), g["floor"])
 
     def route(self, pixels: np.ndarray) -> np.ndarray:
         """``(N,)`` branch per image: 1 JPEG-like, 0 lossless-like (``SpectralAnomaly.route``).

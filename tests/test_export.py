@@ -385,7 +385,7 @@ def test_a_sidecar_without_spectral_is_the_tflite_alone_and_bad_entries_are_refu
     # the texture statistic's fields (sidecar version 2) are required, and a newer version is refused
     assert side["spectral"]["version"] == 2
     for key, value, match in (("texture_ref", None, "missing texture_ref"), ("texture_thresholds", [1.0], "2 positive"),
-                              ("version", 4, "version 4")):
+                              ("version", 5, "version 5")):
         bad = json.loads(json.dumps(side))
         if value is None:
             del bad["spectral"][key]
