@@ -380,14 +380,18 @@ class SpectralPart:
         ac = g["ac"].reshape(1, 1, 8, 1, 8)
         big = (np.abs(c) > g["big"]) & ac
         n_big = np.maximum(big.sum(axis=(1, 2, 3, 4)), 1)
-        best, best_d2 = np.full(n, -np.inf), np.zeros_like(c)
-        for table, chance in zip(g["tables"], g["chance"]):
-            t = table.reshape(1, 1, 8, 1, 8)
-            d = c - np.round(c / t) * t
-            fit = ((np.abs(d) < g["tol"]) & big).sum(axis=(1, 2, 3, 4)) / n_big - chance
-            better = fit > best          # ties keep the lower quality, as the layer does
-            best = np.where(better, fit, best)
-            best_d2[better] = d[better] ** 2
+        tables = g["tables"].reshape(1, -1, 1, 8, 1, 8)
+        best_d2 = np.empty_like(c)
+        # every quality at once, a few images at a time (about 4M values): one 32-px frame costs
+        # ~1.9 ms on this CPU instead of ~7.5 with a loop over the qualities
+        step = max(1, 2 ** 22 // (len(g["tables"]) * h * w))
+        for i in range(0, n, step):
+            ci = c[i:i + step, None]
+            d = ci - np.round(ci / tables) * tables                  # (k, Q, H/8, 8, W/8, 8)
+            fit = ((np.abs(d) < g["tol"]) & big[i:i + step, None]).sum(axis=(2, 3, 4, 5)) \
+                / n_big[i:i + step, None] - g["chance"]
+            q = np.argmax(fit, axis=1)     # the first best: ties keep the lower quality, as the layer does
+            best_d2[i:i + step] = d[np.arange(len(q)), q] ** 2
         rms = np.sqrt((best_d2 * ac).sum(axis=(2, 4)) / 63.0).reshape(n, nb)
         clip = (pixels.max(axis=3) >= 254.5) | (pixels.min(axis=3) <= 0.5)
         clipped = clip.reshape(n, h // 8, 8, w // 8, 8).sum(axis=(2, 4)).reshape(n, nb)
