@@ -259,7 +259,7 @@ class BandAnomaly(SpectralAnomaly):
 
         Why (issue 11, round 7): a JPEG-decoded image's 8x8 block DCT coefficients (luma, on the
         JPEG grid) sit on the lattice of the encoder's quantisation steps, up to the decoder's
-        rounding; any change made to the pixels afterwards (a patch, a pasted icon, a watermark)
+        rounding; any change made to the pixels afterwards (a patch, a pasted icon)
         moves the coefficients of the blocks it touches off that lattice. So, per image: the
         quality whose steps (:func:`jpeg_tables`) the coefficients fit best, counted over those
         large enough to show it (``|c| > GRID_BIG``, within ``GRID_TOL`` of a lattice point, minus
