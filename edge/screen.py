@@ -364,53 +364,61 @@ class SpectralPart:
         chance = np.minimum(1.0, 2.0 * consts["tol"] / tables[:, ac]).mean(axis=1)
         return {"tables": tables, "chance": chance, "ac": ac, **consts}
 
-    def grid_statistic(self, pixels: np.ndarray) -> np.ndarray:
+    def _luma_blocks(self, pixels: np.ndarray) -> Optional[np.ndarray]:
+        """``(N, H/8, W/8, 8, 8)`` the 8x8 block DCT (JPEG grid) of the centred BT.601 luma, or
+        None when H or W is not a multiple of 8."""
+        n, h, w = pixels.shape[:3]
+        if h % 8 or w % 8:
+            return None
+        luma = pixels[..., 0] * 0.299 + pixels[..., 1] * 0.587 + pixels[..., 2] * 0.114 - 128.0
+        return np.einsum("pi,nbicj,qj->nbcpq", self._d8, luma.reshape(n, h // 8, 8, w // 8, 8), self._d8,
+                         optimize=True)
+
+    def grid_statistic(self, pixels: np.ndarray, blocks: Optional[np.ndarray] = None) -> np.ndarray:
         """``(N,)`` the JPEG-grid statistic (``BandAnomaly.grid_statistic``): the quality whose
         lattice the luma 8x8 block DCT fits best, each block's RMS distance to it (AC terms), the
         largest (blocks with more than ``clipped`` pixels at 0 or 255 left out) over the mean of
-        the quieter half (at least ``floor``); 0 without 2 whole blocks."""
+        the quieter half (at least ``floor``); 0 without 2 whole blocks. ``blocks``: the pixels'
+        :meth:`_luma_blocks`, when already computed."""
         g = self.grid
         n, h, w = pixels.shape[:3]
         nb = (h // 8) * (w // 8)
         if h % 8 or w % 8 or nb < 2:
             return np.zeros(n)
-        luma = pixels[..., 0] * 0.299 + pixels[..., 1] * 0.587 + pixels[..., 2] * 0.114 - 128.0
-        c = np.einsum("pi,nbicj,qj->nbpcq", self._d8, luma.reshape(n, h // 8, 8, w // 8, 8), self._d8,
-                      optimize=True)
-        ac = g["ac"].reshape(1, 1, 8, 1, 8)
+        c = self._luma_blocks(pixels) if blocks is None else blocks       # (N, H/8, W/8, 8, 8)
+        ac = g["ac"]
         big = (np.abs(c) > g["big"]) & ac
         n_big = np.maximum(big.sum(axis=(1, 2, 3, 4)), 1)
-        tables = g["tables"].reshape(1, -1, 1, 8, 1, 8)
+        tables = g["tables"].reshape(1, -1, 1, 1, 8, 8)
         best_d2 = np.empty_like(c)
         # every quality at once, a few images at a time (about 4M values): one 32-px frame costs
         # ~1.9 ms on this CPU instead of ~7.5 with a loop over the qualities
         step = max(1, 2 ** 22 // (len(g["tables"]) * h * w))
         for i in range(0, n, step):
             ci = c[i:i + step, None]
-            d = ci - np.round(ci / tables) * tables                  # (k, Q, H/8, 8, W/8, 8)
+            d = ci - np.round(ci / tables) * tables                  # (k, Q, H/8, W/8, 8, 8)
             fit = ((np.abs(d) < g["tol"]) & big[i:i + step, None]).sum(axis=(2, 3, 4, 5)) \
                 / n_big[i:i + step, None] - g["chance"]
             q = np.argmax(fit, axis=1)     # the first best: ties keep the lower quality, as the layer does
             best_d2[i:i + step] = d[np.arange(len(q)), q] ** 2
-        rms = np.sqrt((best_d2 * ac).sum(axis=(2, 4)) / 63.0).reshape(n, nb)
+        rms = np.sqrt((best_d2 * ac).sum(axis=(3, 4)) / 63.0).reshape(n, nb)
         clip = (pixels.max(axis=3) >= 254.5) | (pixels.min(axis=3) <= 0.5)
         clipped = clip.reshape(n, h // 8, 8, w // 8, 8).sum(axis=(2, 4)).reshape(n, nb)
         top = np.where(clipped > g["clipped"], 0.0, rms).max(axis=1)
         return top / np.maximum(np.sort(rms, axis=1)[:, :nb // 2].mean(axis=1), g["floor"])
 
-    def route(self, pixels: np.ndarray) -> np.ndarray:
+    def route(self, pixels: np.ndarray, blocks: Optional[np.ndarray] = None) -> np.ndarray:
         """``(N,)`` branch per image: 1 JPEG-like, 0 lossless-like (``SpectralAnomaly.route``).
 
-        The 8x8 block DCT (JPEG grid) of the centred BT.601 luma; JPEG-like when the share of
-        near-zero coefficients among the high-frequency block positions exceeds ``route_cut``.
-        Sizes that are not multiples of 8 are all lossless-like.
+        The 8x8 block DCT (JPEG grid) of the centred BT.601 luma (``blocks``, when already
+        computed: :meth:`_luma_blocks`); JPEG-like when the share of near-zero coefficients among
+        the high-frequency block positions exceeds ``route_cut``. Sizes that are not multiples of
+        8 are all lossless-like.
         """
         n, h, w = pixels.shape[:3]
         if h % 8 or w % 8:
             return np.zeros(n, np.int64)
-        luma = pixels[..., 0] * 0.299 + pixels[..., 1] * 0.587 + pixels[..., 2] * 0.114 - 128.0
-        blocks = luma.reshape(n, h // 8, 8, w // 8, 8)
-        coef = np.einsum("pi,nbicj,qj->nbcpq", self._d8, blocks, self._d8, optimize=True)
+        coef = self._luma_blocks(pixels) if blocks is None else blocks
         near = (np.abs(coef) < self.near_zero) & self._hf
         share = near.sum(axis=(1, 2, 3, 4)) / (self._hf.sum() * (h // 8) * (w // 8))
         return (share > self.route_cut).astype(np.int64)
@@ -427,14 +435,15 @@ class SpectralPart:
         if x.shape[1:] != self.scale.shape[1:]:
             raise ValueError(f"pixels {list(x.shape[1:])}, expected {list(self.scale.shape[1:])}")
         coeffs = np.einsum("uh,nhwc,vw->nuvc", self._d_h, x, self._d_w, optimize=True)
-        branch = self.route(x)
+        blocks = self._luma_blocks(x)       # the router's and the grid statistic's
+        branch = self.route(x, blocks)
         if self._band_masks is not None:   # BandAnomaly: per band, the largest luma and chroma |X_ycbcr| / scale
             z = np.abs(np.einsum("nuvc,dc->nuvd", coeffs, self.ycbcr, optimize=True)) / self.scale[branch]
             in_band = [z[:, mask] for mask in self._band_masks]                # (N, coefficients, 3) each
             stats = [zb[..., 0].max(axis=1) for zb in in_band] + \
                     [zb[..., 1:].reshape(len(x), -1).max(axis=1) for zb in in_band]
             if self.grid is not None:
-                stats.append(self.grid_statistic(x))
+                stats.append(self.grid_statistic(x, blocks))
             return (np.stack(stats, axis=1) / self.thresholds[branch]).max(axis=1)
         z = np.abs(coeffs) / self.scale[branch]
         z[:, 0, 0, :] = 0.0   # the DC term (mean brightness) is never evidence

@@ -106,14 +106,20 @@ class SpectralAnomaly(keras.layers.Layer):
         dc[0, 0, :] = 0.0          # the DC term (mean brightness) is never evidence
         self._not_dc = ops.convert_to_tensor(dc)
 
+    def _pixels_and_blocks(self, coeffs):
+        """``(pixels (batch, H, W, C), blocks (batch, H, W))`` of a routable size: the inverse DCT
+        and the 8x8 block DCT (JPEG grid) of its centred BT.601 luma, each block's coefficients in
+        its place."""
+        # pixels = D^T X D per channel (the inverse orthonormal DCT), then luma (BT.601), centred.
+        pix = ops.einsum("uh,nuvc,vw->nhwc", self._d_h, coeffs, self._d_w)
+        luma = pix[..., 0] * 0.299 + pix[..., 1] * 0.587 + pix[..., 2] * 0.114 - 128.0
+        return pix, ops.einsum("ph,nhw,qw->npq", self._b_h, luma, self._b_w)
+
     def route(self, coeffs):
         """``(batch,)`` 1.0 where the image looks JPEG-compressed, else 0.0."""
         if not self._routable:
             return ops.zeros((ops.shape(coeffs)[0],), coeffs.dtype)
-        # pixels = D^T X D per channel (the inverse orthonormal DCT), then luma (BT.601), centred.
-        pix = ops.einsum("uh,nuvc,vw->nhwc", self._d_h, coeffs, self._d_w)
-        luma = pix[..., 0] * 0.299 + pix[..., 1] * 0.587 + pix[..., 2] * 0.114 - 128.0
-        blocks = ops.einsum("ph,nhw,qw->npq", self._b_h, luma, self._b_w)
+        _, blocks = self._pixels_and_blocks(coeffs)
         near = ops.cast(ops.abs(blocks) < self.near_zero, coeffs.dtype) * self._hf
         share = ops.sum(near, axis=(1, 2)) / ops.sum(self._hf)
         return ops.cast(share > self.route_cut, coeffs.dtype)
@@ -197,6 +203,12 @@ GRID_FLOOR = 0.5   # floor of the quiet blocks' RMS distance (about the decoder'
 GRID_CLIPPED = 24  # blocks with more pixels than this (of 64) at 0 or 255 are left out of the maximum
 
 
+def grid_settings() -> dict:
+    """The grid statistic's constants, as the fit report and the screener sidecar record them."""
+    return {"qualities": list(GRID_QUALITIES), "big": GRID_BIG, "tol": GRID_TOL, "floor": GRID_FLOOR,
+            "clipped": GRID_CLIPPED}
+
+
 def jpeg_tables(qualities=GRID_QUALITIES, base=JPEG_LUMA_TABLE) -> np.ndarray:
     """``(n, 8, 8)`` float32 quantisation steps of ``base`` at each quality in ``qualities[0]..[1]``,
     scaled as libjpeg's ``jpeg_quality_scaling`` does (steps at least 1)."""
@@ -246,9 +258,9 @@ class BandAnomaly(SpectralAnomaly):
         self._ycbcr = ops.convert_to_tensor(YCBCR)
         self._build_constants(h, w, c)
         if self.grid:
-            self._tables = [ops.convert_to_tensor(t.reshape(1, 1, 8, 1, 8)) for t in jpeg_tables()]
-            self._chance = [float(np.mean(np.minimum(1.0, 2.0 * GRID_TOL / np.delete(t.ravel(), 0))))
-                            for t in jpeg_tables()]
+            tables = jpeg_tables()
+            self._tables = [ops.convert_to_tensor(t.reshape(1, 1, 8, 1, 8)) for t in tables]
+            self._chance = [float(np.mean(np.minimum(1.0, 2.0 * GRID_TOL / np.delete(t.ravel(), 0)))) for t in tables]
             ac = np.ones((8, 8), np.float32)
             ac[0, 0] = 0.0
             self._ac = ops.convert_to_tensor(ac.reshape(1, 1, 8, 1, 8))
@@ -276,9 +288,8 @@ class BandAnomaly(SpectralAnomaly):
         n, h, w = ops.shape(coeffs)[0], int(coeffs.shape[1]), int(coeffs.shape[2])
         if not self._routable or (h // 8) * (w // 8) < 2:
             return ops.zeros((n,), coeffs.dtype)
-        pix = ops.einsum("uh,nuvc,vw->nhwc", self._d_h, coeffs, self._d_w)
-        luma = pix[..., 0] * 0.299 + pix[..., 1] * 0.587 + pix[..., 2] * 0.114 - 128.0
-        c = ops.reshape(ops.einsum("ph,nhw,qw->npq", self._b_h, luma, self._b_w), (-1, h // 8, 8, w // 8, 8))
+        pix, blocks = self._pixels_and_blocks(coeffs)
+        c = ops.reshape(blocks, (-1, h // 8, 8, w // 8, 8))
         big = ops.cast(ops.abs(c) > GRID_BIG, c.dtype) * self._ac
         n_big = ops.maximum(ops.sum(big, axis=(1, 2, 3, 4)), 1.0)
         best, best_d2 = None, None
@@ -512,8 +523,7 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
         extra = {"statistic": statistic, "bands": [list(e) for e in band_edges(size, size)],
                  "thresholds": [[round(float(t), 4) for t in row] for row in thr]}
         if layer.grid:
-            extra["grid"] = {"qualities": list(GRID_QUALITIES), "big": GRID_BIG, "tol": GRID_TOL, "floor": GRID_FLOOR,
-                             "clipped": GRID_CLIPPED}
+            extra["grid"] = grid_settings()
         return _assemble(model, spec, layer, x_fit, x_cal, target_fpr, count, routed, extra)
     layer = SpectralAnomaly(texture=texture, name="spectral_anomaly")
     layer.build((None, size, size, 3))

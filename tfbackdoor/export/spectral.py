@@ -27,8 +27,7 @@ def sidecar_entry(model):
     arr = lambda w: keras.ops.convert_to_numpy(w).astype(np.float32)
     if isinstance(layer, spectral.BandAnomaly):
         size = layer.scale.shape
-        grid = {"tables": spectral.jpeg_tables(), "big": spectral.GRID_BIG, "tol": spectral.GRID_TOL,
-                "floor": spectral.GRID_FLOOR, "clipped": spectral.GRID_CLIPPED} if layer.grid else None
+        grid = {**spectral.grid_settings(), "tables": spectral.jpeg_tables()} if layer.grid else None
         return make_band_entry(arr(layer.scale), arr(layer.thresholds), spectral.band_edges(size[1], size[2]),
                                spectral.YCBCR, layer.route_cut, layer.near_zero, spectral.HF_MIN,
                                combine.threshold, combine.sharpness, grid)
