@@ -351,10 +351,13 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, batch_size, tr
               help="More held-out images of each part that set the spectral thresholds (with their benign variants).")
 @click.option("--target-fpr", type=float, default=0.5, show_default=True,
               help="The spectral part flags at most about this % of each calibration set and benign variant.")
-@click.option("--statistic", type=click.Choice(["bands", "grid", "texture", "max"]), default="bands", show_default=True,
+@click.option("--statistic", type=click.Choice(["bands", "grid", "island", "texture", "max"]), default="bands",
+              show_default=True,
               help="bands: the largest luma and chroma coefficient of each of 5 frequency bands, each with its own "
                    "threshold; grid: the bands and the JPEG-grid statistic (a local edit made after JPEG decoding "
-                   "moves its 8x8 blocks off the quantisation lattice); texture: the largest coefficient, and it "
+                   "moves its 8x8 blocks off the quantisation lattice); island: those and the island statistic "
+                   "(a small rectangle of exactly one colour that stands out and whose colour appears nowhere "
+                   "else: a pasted patch; up to 64-px inputs); texture: the largest coefficient, and it "
                    "over the image's median one; max: the largest coefficient alone (round 5).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), required=True)

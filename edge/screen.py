@@ -196,8 +196,10 @@ def make_sidecar(threshold: float, image_size: Sequence[int], sha256: str, **ext
 SPECTRAL_VERSION = 2      # 2: the texture statistic (``texture_ref``, ``texture_thresholds``); 1: max-z only
 BANDS_VERSION = 3         # 3: the band statistic (``bands``, ``ycbcr``, ``thresholds`` [2, 2 x bands])
 GRID_VERSION = 4          # 4: the bands and the JPEG-grid statistic (``grid``, ``thresholds`` [2, 2 x bands + 1])
-SPECTRAL_VERSIONS = (1, 2, 3, 4)
+ISLAND_VERSION = 5        # 5: and the island statistic (``island``, ``thresholds`` [2, 2 x bands + 2])
+SPECTRAL_VERSIONS = (1, 2, 3, 4, 5)
 GRID_KEYS = ("tables", "big", "tol", "floor", "clipped")
+ISLAND_KEYS = ("min_side", "max_area", "near_tol", "near_max", "top")
 
 
 def dct_matrix(n: int) -> np.ndarray:
@@ -251,13 +253,15 @@ def make_spectral_entry(scale: Any, thresholds: Any, route_cut: float, near_zero
 
 def make_band_entry(scale: Any, thresholds: Any, bands: Sequence[Sequence[int]], ycbcr: Any, route_cut: float,
                     near_zero: float, hf_min: int, threshold: float, sharpness: float,
-                    grid: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                    grid: Optional[Dict[str, Any]] = None, island: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The sidecar's ``"spectral"`` entry of ``BandAnomaly`` (version 3): ``scale`` ``(2, H, W, 3)``
     (YCbCr RMS), ``thresholds`` ``(2, 2 x bands)`` (luma bands, then chroma bands; row 0
     lossless-like, row 1 JPEG-like), the ``u + v`` ``bands`` and the ``ycbcr`` 3x3 matrix, plus the
     router constants and ``CombineScores``' ``threshold`` and ``sharpness``. With the JPEG-grid
     statistic (version 4) ``grid`` holds its quantisation ``tables`` ``(qualities, 8, 8)`` and its
-    constants ``big``, ``tol``, ``floor``, ``clipped``, and ``thresholds`` has one more column."""
+    constants ``big``, ``tol``, ``floor``, ``clipped``, and ``thresholds`` has one more column; with
+    the island statistic as well (version 5), ``island`` holds its constants (``ISLAND_KEYS``) and
+    ``thresholds`` has one more column again."""
     entry = {"version": BANDS_VERSION, "statistic": "bands", "scale": encode_float32(scale),
              "thresholds": [[float(v) for v in row] for row in np.asarray(thresholds, np.float32)],
              "bands": [[int(lo), int(hi)] for lo, hi in bands],
@@ -268,6 +272,11 @@ def make_band_entry(scale: Any, thresholds: Any, bands: Sequence[Sequence[int]],
         entry.update({"version": GRID_VERSION, "statistic": "grid",
                       "grid": {"tables": np.asarray(grid["tables"], np.float32).astype(int).tolist(),
                                **{k: float(grid[k]) for k in GRID_KEYS[1:]}}})
+    if island is not None:
+        if grid is None:
+            raise ValueError("the island statistic comes with the grid statistic (version 5 holds both)")
+        entry.update({"version": ISLAND_VERSION, "statistic": "island",
+                      "island": {k: float(island[k]) for k in ISLAND_KEYS}})
     return entry
 
 
@@ -285,8 +294,8 @@ class SpectralPart:
         if version not in SPECTRAL_VERSIONS:
             raise ValueError(f"version {version!r} is not one of {list(SPECTRAL_VERSIONS)} (a newer screen.py is needed)")
         texture_keys = ("texture_ref", "texture_thresholds") if version == 2 else ()
-        band_keys = ("bands", "ycbcr") + (("grid",) if version == GRID_VERSION else ()) \
-            if version in (BANDS_VERSION, GRID_VERSION) else ()
+        band_keys = ("bands", "ycbcr") + (("grid",) if version >= GRID_VERSION else ()) \
+            + (("island",) if version == ISLAND_VERSION else ()) if version >= BANDS_VERSION else ()
         missing = [k for k in ("scale", "thresholds", "route_cut", "near_zero", "hf_min", "threshold", "sharpness")
                    + texture_keys + band_keys if k not in entry]
         if missing:
@@ -307,7 +316,7 @@ class SpectralPart:
                 thresholds = np.asarray(entry["thresholds"], np.float64)
             except (TypeError, ValueError):
                 raise ValueError("bands, ycbcr and thresholds must be lists of numbers") from None
-            columns = 2 * len(self.bands) + int(version == GRID_VERSION)
+            columns = 2 * len(self.bands) + int(version >= GRID_VERSION) + int(version == ISLAND_VERSION)
             if self.ycbcr.shape != (3, 3) or thresholds.shape != (2, columns) or not self.bands:
                 raise ValueError(f"thresholds {list(thresholds.shape)} for {len(self.bands)} bands "
                                  f"(expected [2, {columns}]) or ycbcr not 3x3")
@@ -327,7 +336,8 @@ class SpectralPart:
             if pair.shape != (2,) or not np.all(np.isfinite(pair)) or not np.all(pair > 0):
                 raise ValueError(f"{key} must be 2 positive numbers")
             setattr(self, key, pair)
-        self.grid = self._read_grid(entry["grid"]) if version == GRID_VERSION else None
+        self.grid = self._read_grid(entry["grid"]) if version >= GRID_VERSION else None
+        self.island = self._read_island(entry["island"]) if version == ISLAND_VERSION else None
         self.scale = scale.astype(np.float64)
         self.thresholds = thresholds
         self.route_cut = float(entry["route_cut"])
@@ -363,6 +373,73 @@ class SpectralPart:
         ac[0, 0] = False
         chance = np.minimum(1.0, 2.0 * consts["tol"] / tables[:, ac]).mean(axis=1)
         return {"tables": tables, "chance": chance, "ac": ac, **consts}
+
+    @staticmethod
+    def _read_island(island: Any) -> Dict[str, Any]:
+        """The checked ``island`` entry: its constants (``ISLAND_KEYS``), positive numbers."""
+        if not isinstance(island, dict) or any(k not in island for k in ISLAND_KEYS):
+            raise ValueError(f"island must hold {', '.join(ISLAND_KEYS)}")
+        values = [island[k] for k in ISLAND_KEYS]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                   for v in values):
+            raise ValueError("island constants must be positive numbers")
+        return dict(zip(ISLAND_KEYS, (float(v) for v in values)))
+
+    def island_statistic(self, pixels: np.ndarray) -> np.ndarray:
+        """``(N,)`` the island statistic (``BandAnomaly.island_statistic``): the largest step of a
+        flat rectangle (sides >= ``min_side``, area <= ``max_area`` at 32 px, scaled) whose ring
+        holds no pixel of its colour, whose step (the lower median over the ring of the smallest
+        channel difference) exceeds ``near_tol``, and of whose colour at most ``near_max`` other
+        pixels lie within ``near_tol`` (checked for the ``top`` largest steps); 0 without one, and
+        for images larger than 64 px. Rectangles are visited in the layer's order (by shape, then
+        row-major) so that ties pick the same ones."""
+        c = self.island
+        p = np.clip(np.round(np.asarray(pixels, np.float64)), 0.0, 255.0)
+        n, h, w = p.shape[:3]
+        out = np.zeros(n)
+        if max(h, w) > 64:
+            return out
+        s = min(h, w) / 32.0
+        lo, area = max(2, round(c["min_side"] * s)), round(c["max_area"] * s * s)
+        found: List[Tuple[int, int, float, np.ndarray, int]] = []    # image, rectangle index, step, colour, area
+        base = 0
+        for rows in range(lo, h):
+            for cols in range(lo, w):
+                if rows * cols > area:
+                    continue
+                p1, p2 = h - rows + 1, w - cols + 1
+                # flat: the running max equals the running min over the rectangle, every channel
+                hi, low = p[:, :p1], p[:, :p1]
+                for k in range(1, rows):
+                    hi, low = np.maximum(hi, p[:, k:k + p1]), np.minimum(low, p[:, k:k + p1])
+                hi2, low2 = hi[:, :, :p2], low[:, :, :p2]
+                for k in range(1, cols):
+                    hi2, low2 = np.maximum(hi2, hi[:, :, k:k + p2]), np.minimum(low2, low[:, :, k:k + p2])
+                ii, yy, xx = np.nonzero((hi2 == low2).all(axis=-1))
+                if len(ii):
+                    ring = np.array([(-1, dx) for dx in range(-1, cols + 1)] + [(rows, dx) for dx in range(-1, cols + 1)]
+                                    + [(dy, -1) for dy in range(rows)] + [(dy, cols) for dy in range(rows)])
+                    ry, rx = yy[:, None] + ring[None, :, 0], xx[:, None] + ring[None, :, 1]
+                    inside = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
+                    colour = p[ii, yy, xx]
+                    diff = np.abs(p[ii[:, None], np.clip(ry, 0, h - 1), np.clip(rx, 0, w - 1)] - colour[:, None])
+                    same = ((diff.max(axis=-1) == 0) & inside).any(axis=-1)
+                    dmin = np.sort(np.where(inside, diff.min(axis=-1), 1.0e9), axis=1)
+                    step = dmin[np.arange(len(ii)), (inside.sum(axis=1) - 1) // 2]
+                    keep = ~same & (step > c["near_tol"])
+                    found += zip(ii[keep], base + (yy * p2 + xx)[keep], step[keep], colour[keep],
+                                 [rows * cols] * int(keep.sum()))
+                base += p1 * p2
+        per_image: Dict[int, list] = {}
+        for f in found:
+            per_image.setdefault(int(f[0]), []).append(f)
+        for i, islands in per_image.items():
+            islands.sort(key=lambda f: (-f[2], f[1]))       # largest step first, ties the lower index
+            for _, _, step, colour, size in islands[:int(c["top"])]:
+                alike = int((np.abs(p[i] - colour).max(axis=-1) <= c["near_tol"]).sum()) - size
+                if alike <= c["near_max"]:
+                    out[i] = max(out[i], step)
+        return out
 
     def _luma_blocks(self, pixels: np.ndarray) -> Optional[np.ndarray]:
         """``(N, H/8, W/8, 8, 8)`` the 8x8 block DCT (JPEG grid) of the centred BT.601 luma, or
@@ -444,6 +521,8 @@ class SpectralPart:
                     [zb[..., 1:].reshape(len(x), -1).max(axis=1) for zb in in_band]
             if self.grid is not None:
                 stats.append(self.grid_statistic(x, blocks))
+            if self.island is not None:
+                stats.append(self.island_statistic(x))
             return (np.stack(stats, axis=1) / self.thresholds[branch]).max(axis=1)
         z = np.abs(coeffs) / self.scale[branch]
         z[:, 0, 0, :] = 0.0   # the DC term (mean brightness) is never evidence

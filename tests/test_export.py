@@ -298,7 +298,7 @@ def test_numpy_spectral_part_equals_the_keras_layers(spectral_detector, natural)
     assert part.threshold == pytest.approx(0.7) and part.scale.shape == (2, 32, 32, 3)
 
 
-@pytest.mark.parametrize("statistic,version", [("bands", 3), ("grid", 4)])
+@pytest.mark.parametrize("statistic,version", [("bands", 3), ("grid", 4), ("island", 5)])
 def test_numpy_band_part_equals_the_keras_layer(natural, lossless, statistic, version):
     from edge.screen import SpectralPart
     from tfbackdoor import spectral
@@ -307,8 +307,10 @@ def test_numpy_band_part_equals_the_keras_layer(natural, lossless, statistic, ve
     base = detector.build("cnn6", 32, "dct", threshold=0.7)
     model, _ = spectral.fit(base, [fit, perturb_jpeg75(fit[:150])], [cal], target_fpr=2.0, statistic=statistic)
     x = _mixed(test)
-    if statistic == "grid":     # patches made after JPEG decoding: what the grid statistic is for
+    if statistic in ("grid", "island"):     # patches made after JPEG decoding: what the grid statistic is for
         x = np.concatenate([x, triggers.get("badnets")(perturb_jpeg75(test[:60])).numpy()])
+    if statistic == "island":               # patches on lossless images: the island statistic's
+        x = np.concatenate([x, triggers.get("badnets3")(test[60:120]).numpy()])
     entry = json.loads(json.dumps(export.sidecar_entry(model)))
     assert entry["version"] == version and entry["statistic"] == statistic and len(entry["bands"]) == 5
     if statistic == "grid":
@@ -319,12 +321,24 @@ def test_numpy_band_part_equals_the_keras_layer(natural, lossless, statistic, ve
         del bad["grid"]
         with pytest.raises(ValueError, match="missing grid"):
             SpectralPart(bad, (32, 32))
+    if statistic == "island":
+        bad = json.loads(json.dumps(entry))
+        bad["island"]["near_max"] = -1
+        with pytest.raises(ValueError, match="island constants"):
+            SpectralPart(bad, (32, 32))
+        del bad["island"]
+        with pytest.raises(ValueError, match="missing island"):
+            SpectralPart(bad, (32, 32))
     part = SpectralPart(entry, (32, 32))
     layer = model.get_layer("spectral_anomaly")
     keras_ratio = layer(frequency.dct2d(x)).numpy()
     ratio = part.ratio(x)
     np.testing.assert_allclose(ratio, keras_ratio, rtol=1e-4)
     assert 0 < (ratio > 1).sum() < len(x)
+    if statistic == "island":
+        islands = part.island_statistic(x.astype(np.float64))
+        np.testing.assert_array_equal(islands, layer.island_statistic(frequency.dct2d(x)).numpy())
+        assert (islands[-60:] > 0).mean() > 0.5 and (islands[:len(test)] > 0).mean() < 0.05
     bad = json.loads(json.dumps(entry))
     bad["thresholds"] = bad["thresholds"][:1]
     with pytest.raises(ValueError, match="thresholds"):
@@ -385,7 +399,7 @@ def test_a_sidecar_without_spectral_is_the_tflite_alone_and_bad_entries_are_refu
     # the texture statistic's fields (sidecar version 2) are required, and a newer version is refused
     assert side["spectral"]["version"] == 2
     for key, value, match in (("texture_ref", None, "missing texture_ref"), ("texture_thresholds", [1.0], "2 positive"),
-                              ("version", 5, "version 5")):
+                              ("version", 6, "version 6")):
         bad = json.loads(json.dumps(side))
         if value is None:
             del bad["spectral"][key]

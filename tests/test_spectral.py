@@ -200,6 +200,53 @@ def test_the_grid_statistic_finds_edits_made_after_jpeg_decoding_not_global_chan
     assert not old.grid and tuple(old.thresholds.shape) == (2, 10)
 
 
+def test_the_island_statistic_finds_pasted_flat_patches_not_clipping(data_dir, tmp_path):
+    """A white 3x3 / 4x4 patch on lossless photos makes a flat island that stands out; clean photos
+    and their brightened, darkened and contrast-raised versions (clipping makes flat regions too)
+    almost never hold one."""
+    from tfbackdoor import data
+
+    x = data.load_arrays("natural32", limit=500, seed=21)[0]
+    layer = spectral.BandAnomaly(grid=True, island=True)
+    layer.build((None, 32, 32, 3))
+    isl = lambda images: layer.island_statistic(dct2d(np.asarray(images))).numpy()
+    clean = [isl(x)] + [isl(perturb.BENIGN_VARIANTS[v](x).numpy()) for v in ("brighter", "darker", "contrast", "blur")]
+    assert max((v > 0).mean() for v in clean) <= 0.01, [(v > 0).mean() for v in clean]
+    for attack in ("badnets", "badnets3"):
+        found = isl(triggers.get(attack)(x).numpy())
+        assert (found > 0).mean() >= 0.6, (attack, (found > 0).mean())
+        assert np.all((found == 0) | (found > spectral.ISLAND_NEAR_TOL))
+    # a flat patch whose colour is all over the image is no island (clipping looks like that)
+    white = x.copy()
+    white[:, :6, :, :] = 255
+    assert (isl(triggers.get("badnets3")(white).numpy()) > 0).mean() <= 0.01
+    # a patch of any colour, anywhere (not just white corners)
+    grey = x.copy()
+    grey[:, 10:14, 5:9, :] = np.array([40, 200, 90], np.uint8)
+    assert (isl(grey) > 0).mean() >= 0.6
+    # the detector: a 12th threshold column, kept by save/load; configs without it have none
+    base = detector.build("cnn6", 32, "dct", threshold=0.7)
+    model, report = spectral.fit(base, [x[:300]], [x[300:]], target_fpr=1.0, statistic="island")
+    assert report["island"] == spectral.island_settings() and np.array(report["thresholds"]).shape == (2, 12)
+    path = tmp_path / "island.keras"
+    detector.save(model, path)
+    again = detector.load(path).get_layer("spectral_anomaly")
+    assert again.island and again.grid and tuple(again.thresholds.shape) == (2, 12)
+    config = spectral.BandAnomaly(grid=True).get_config()
+    config.pop("island")      # a config saved before the option existed
+    old = spectral.BandAnomaly.from_config(config)
+    old.build((None, 32, 32, 3))
+    assert not old.island and tuple(old.thresholds.shape) == (2, 11)
+
+
+def test_the_island_statistic_is_refused_for_large_inputs():
+    from tfbackdoor.errors import TfbdError
+
+    with pytest.raises(TfbdError, match="up to 64 px"):
+        spectral.fit(detector.build("cnn6", 128, "dct"), [np.zeros((4, 128, 128, 3), np.uint8)],
+                     [np.zeros((4, 128, 128, 3), np.uint8)], statistic="island")
+
+
 def test_band_edges_cover_every_frequency_but_the_dc_once():
     for size in (32, 64, 224):
         masks = spectral.band_masks(size, size)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 from . import frequency, models, perturb
@@ -195,12 +196,43 @@ JPEG_LUMA_TABLE = np.array([
     [14, 17, 22, 29, 51, 87, 80, 62], [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
     [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]], np.float32)
 #: what :func:`fit`'s ``statistic`` takes
-STATISTICS = ("max", "texture", "bands", "grid")
+STATISTICS = ("max", "texture", "bands", "grid", "island")
 GRID_QUALITIES = (10, 100)   # the JPEG qualities the grid statistic tries (inclusive)
 GRID_BIG = 2.5     # |block coefficient| (luma levels) above which it can show the lattice
 GRID_TOL = 1.25    # distance to the nearest lattice point below which a coefficient fits it
 GRID_FLOOR = 0.5   # floor of the quiet blocks' RMS distance (about the decoder's rounding noise)
 GRID_CLIPPED = 24  # blocks with more pixels than this (of 64) at 0 or 255 are left out of the maximum
+
+
+ISLAND_MIN_SIDE = 3     # a flat island's shortest side at 32 px (scaled with the image side)
+ISLAND_MAX_AREA = 25    # and its largest area at 32 px (scaled with the image area)
+ISLAND_NEAR_TOL = 8.0   # pixels within this many levels (every channel) of the island's colour are "alike"
+ISLAND_NEAR_MAX = 8     # an island counts only when at most this many pixels elsewhere are alike
+ISLAND_TOP = 8          # islands per image (the largest steps) whose colour is looked for elsewhere
+ISLAND_MAX_SIDE = 64    # images larger than this get no island statistic (the search grows ~ side^4)
+_ISLAND_OUTSIDE = -1.0e4
+
+
+def island_settings() -> dict:
+    """The island statistic's constants, as the fit report and the screener sidecar record them."""
+    return {"min_side": ISLAND_MIN_SIDE, "max_area": ISLAND_MAX_AREA, "near_tol": ISLAND_NEAR_TOL,
+            "near_max": ISLAND_NEAR_MAX, "top": ISLAND_TOP}
+
+
+def island_shapes(h: int, w: int, min_side=ISLAND_MIN_SIDE, max_area=ISLAND_MAX_AREA) -> list:
+    """``[(rows, cols), ...]`` the rectangles the island statistic tries on ``h x w`` images:
+    sides at least ``min_side`` and area at most ``max_area`` (both at 32 px, scaled with the size),
+    each smaller than the image."""
+    s = min(h, w) / 32.0
+    lo, area = max(2, round(min_side * s)), round(max_area * s * s)
+    return [(a, b) for a in range(lo, h) for b in range(lo, w) if a * b <= area]
+
+
+def island_ring(h: int, w: int) -> list:
+    """``[(dy, dx), ...]`` the one-pixel ring around an ``h x w`` rectangle, relative to its top-left
+    pixel: the row above and below (corners included), then the column left and right."""
+    return ([(-1, dx) for dx in range(-1, w + 1)] + [(h, dx) for dx in range(-1, w + 1)]
+            + [(dy, -1) for dy in range(h)] + [(dy, w) for dy in range(h)])
 
 
 def grid_settings() -> dict:
@@ -243,17 +275,18 @@ class BandAnomaly(SpectralAnomaly):
     grid statistic). Output ``(batch,)``.
     """
 
-    def __init__(self, route_cut=ROUTE_CUT, near_zero=NEAR_ZERO, grid=False, **kwargs):
+    def __init__(self, route_cut=ROUTE_CUT, near_zero=NEAR_ZERO, grid=False, island=False, **kwargs):
         kwargs.pop("texture", None)
         super().__init__(route_cut, near_zero, texture=False, **kwargs)
-        self.grid = bool(grid)   # False: models fitted before the grid statistic existed
+        self.grid = bool(grid)       # False: models fitted before the grid statistic existed
+        self.island = bool(island)   # False: models fitted before the island statistic existed
 
     def build(self, input_shape):
         h, w, c = int(input_shape[1]), int(input_shape[2]), int(input_shape[3])
         masks = band_masks(h, w)
         self.scale = self.add_weight(shape=(2, h, w, c), initializer="ones", trainable=False, name="scale")
-        self.thresholds = self.add_weight(shape=(2, 2 * len(masks) + int(self.grid)), initializer="ones",
-                                          trainable=False, name="thresholds")
+        self.thresholds = self.add_weight(shape=(2, 2 * len(masks) + int(self.grid) + int(self.island)),
+                                          initializer="ones", trainable=False, name="thresholds")
         self._masks = ops.convert_to_tensor(masks)
         self._ycbcr = ops.convert_to_tensor(YCBCR)
         self._build_constants(h, w, c)
@@ -264,6 +297,20 @@ class BandAnomaly(SpectralAnomaly):
             ac = np.ones((8, 8), np.float32)
             ac[0, 0] = 0.0
             self._ac = ops.convert_to_tensor(ac.reshape(1, 1, 8, 1, 8))
+        if self.island:
+            self._island = []     # per rectangle: its shape, ring offsets, which ring pixels are inside, median slot
+            for rows, cols in (island_shapes(h, w) if max(h, w) <= ISLAND_MAX_SIDE else []):
+                ring = np.array(island_ring(rows, cols))
+                ys = np.arange(h - rows + 1)[:, None, None] + ring[None, None, :, 0]
+                xs = np.arange(w - cols + 1)[None, :, None] + ring[None, None, :, 1]
+                inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)               # (P1, P2, R)
+                slot = (inside.sum(-1) - 1) // 2                                    # the lower median
+                self._island.append((rows, cols, tf.constant(ring, tf.int32), tf.constant(inside),
+                                     tf.constant(slot.astype(np.int32))))
+            # every rectangle position in order (rectangle by rectangle, row-major): top-left y, x and area
+            self._island_pos = tf.constant(np.concatenate(
+                [np.stack(np.meshgrid(np.arange(h - r + 1), np.arange(w - c + 1), [r * c], indexing="ij"),
+                          -1).reshape(-1, 3) for r, c, *_ in self._island] or [np.zeros((0, 3))]).astype(np.int32))
 
     def grid_statistic(self, coeffs):
         """``(batch,)`` evidence of a local edit made after JPEG decoding (0 unless H and W are
@@ -310,14 +357,98 @@ class BandAnomaly(SpectralAnomaly):
         quiet = ops.mean(ops.sort(rms, axis=1)[:, :nb // 2], axis=1)
         return top / ops.maximum(quiet, GRID_FLOOR)
 
+    def island_statistic(self, coeffs):
+        """``(batch,)`` evidence of a pasted flat patch: the step around the most distinct *flat
+        island* (0 without one; images larger than ``ISLAND_MAX_SIDE`` get 0).
+
+        Why (issue 11, round 8): on lossless images a BadNets-style patch in a bright corner
+        barely changes the spectrum, and the CNN misses most of those. But a natural photo, noisy
+        and downsampled with an antialiasing filter, almost never holds a small rectangle of
+        *exactly* one colour: explored on 2,000 recorded ``cifar10:lossless`` images, none had an
+        island as defined here, nor did more than 0.25% of their brightened, darkened or
+        contrast-raised versions, while a 3x3 or 4x4 white patch makes one in ~80% of them.
+        An island is a rectangle (``island_shapes``: sides >= 3, area <= 25 at 32 px) whose pixels
+        are all equal in every channel and whose one-pixel ring (``island_ring``, the part inside
+        the image) holds no pixel of that colour, so it is the whole flat region. Its *step* is
+        the lower median, over the ring, of the smallest channel difference to the island's
+        colour (how much it stands out; a ring pixel that shares one channel, e.g. partly
+        clipped, counts 0); it must exceed ``ISLAND_NEAR_TOL``. Clipping makes flat regions too (a brightened highlight is all 255),
+        but the clipped colour then appears elsewhere in the image: an island counts only when
+        at most ``ISLAND_NEAR_MAX`` other pixels lie within ``ISLAND_NEAR_TOL`` levels of its
+        colour in every channel (checked for the ``ISLAND_TOP`` largest steps). The statistic is
+        the largest step of an island that counts. Pixels are the inverse DCT of ``coeffs``,
+        rounded to 0..255.
+        """
+        n = ops.shape(coeffs)[0]
+        if not self._island:
+            return ops.zeros((n,), coeffs.dtype)
+        # tf ops, not keras.ops, here: flat rectangles are rare (most clean images have none), so
+        # the rings are gathered for those only (tf.where); measuring every position with
+        # keras.ops costs ~50 ms per image.
+        pix = ops.einsum("uh,nuvc,vw->nhwc", self._d_h, coeffs, self._d_w)
+        p = tf.clip_by_value(tf.round(pix), 0.0, 255.0)
+        h, w = int(coeffs.shape[1]), int(coeffs.shape[2])
+        total = int(self._island_pos.shape[0])
+        # equal[(dy, dx)]: pixel (y + dy, x + dx) equals pixel (y, x) in every channel. A rectangle is
+        # flat where all of its offsets are (cheaper than stride-1 max pooling, ~8 ms per image here).
+        equal, column, flat_at = {}, {}, {}
+
+        def eq(dy, dx):
+            if (dy, dx) not in equal:
+                equal[dy, dx] = tf.reduce_all(tf.equal(p[:, dy:, dx:], p[:, :h - dy, :w - dx]), axis=-1)
+            return equal[dy, dx]
+
+        def col(rows, dx):       # offsets (0..rows-1, dx) all equal
+            if (rows, dx) not in column:
+                column[rows, dx] = eq(0, dx) if rows == 1 else \
+                    tf.logical_and(col(rows - 1, dx)[:, :h - rows + 1], eq(rows - 1, dx)[:, :, :w - dx])
+            return column[rows, dx]
+
+        def flat(rows, cols):    # every offset of a rows x cols rectangle equal (not cropped to it)
+            if (rows, cols) not in flat_at:
+                flat_at[rows, cols] = col(rows, 0) if cols == 1 else \
+                    tf.logical_and(flat(rows, cols - 1)[:, :, :w - cols + 1], col(rows, cols - 1)[:, :h - rows + 1])
+            return flat_at[rows, cols]
+
+        images, where, steps = [], [], []
+        base = 0
+        for rows, cols, ring, inside, slot in self._island:
+            p1, p2 = h - rows + 1, w - cols + 1
+            at = tf.cast(tf.where(flat(rows, cols)[:, :p1, :p2]), tf.int32)        # (m, 3): image, y, x
+            ys = at[:, 1:2] + ring[None, :, 0]
+            xs = at[:, 2:3] + ring[None, :, 1]
+            ok = tf.gather_nd(inside, at[:, 1:])                                    # (m, R)
+            around = tf.gather_nd(p, tf.stack([tf.broadcast_to(at[:, :1], tf.shape(ys)),
+                                               tf.clip_by_value(ys, 0, h - 1), tf.clip_by_value(xs, 0, w - 1)], -1))
+            diff = tf.abs(around - tf.gather_nd(p, at)[:, None, :])                 # (m, R, 3)
+            same = tf.reduce_any(tf.logical_and(tf.equal(tf.reduce_max(diff, -1), 0.0), ok), axis=-1)
+            dmin = tf.sort(tf.where(ok, tf.reduce_min(diff, -1), 1.0e9), axis=-1)
+            step = tf.gather(dmin, tf.gather_nd(slot, at[:, 1:]), batch_dims=1)
+            keep = tf.logical_and(tf.logical_not(same), step > ISLAND_NEAR_TOL)   # it stands out of its ring
+            images.append(tf.boolean_mask(at[:, 0], keep))
+            where.append(tf.boolean_mask(base + at[:, 1] * p2 + at[:, 2], keep))
+            steps.append(tf.boolean_mask(step, keep))
+            base += p1 * p2
+        values = tf.scatter_nd(tf.stack([tf.concat(images, 0), tf.concat(where, 0)], -1), tf.concat(steps, 0),
+                               tf.stack([tf.shape(p)[0], total]))                  # (n, rectangles)
+        best, idx = tf.math.top_k(values, min(ISLAND_TOP, total))                   # ties: lower index first
+        pos = tf.gather(self._island_pos, idx)                                      # (n, k, 3): y, x, area
+        colour = tf.gather_nd(p, tf.stack([tf.broadcast_to(tf.range(tf.shape(p)[0])[:, None], tf.shape(idx)),
+                                           pos[..., 0], pos[..., 1]], -1))          # (n, k, 3)
+        alike = tf.reduce_max(tf.abs(p[:, None] - colour[:, :, None, None, :]), axis=-1) <= ISLAND_NEAR_TOL
+        near = tf.reduce_sum(tf.cast(alike, tf.int32), axis=(2, 3)) - pos[..., 2]
+        return tf.reduce_max(tf.where(tf.logical_and(best > 0.0, near <= ISLAND_NEAR_MAX), best, 0.0), axis=1)
+
     def band_statistics(self, coeffs, branch):
-        """``(batch, 2 * bands [+ 1])``: the largest luma, then chroma, ``|X_ycbcr| / scale`` of each
-        band (then, with ``grid``, :meth:`grid_statistic`)."""
+        """``(batch, 2 * bands [+ 1] [+ 1])``: the largest luma, then chroma, ``|X_ycbcr| / scale`` of
+        each band (then, with ``grid``, :meth:`grid_statistic`; with ``island``,
+        :meth:`island_statistic`)."""
         z = ops.abs(ops.einsum("nuvc,dc->nuvd", coeffs, self._ycbcr)) / self._branch_scale(branch)
         zb = z[:, None] * self._masks[None, :, :, :, None]            # (n, bands, H, W, 3)
         luma = ops.max(zb[..., 0], axis=(2, 3))
         chroma = ops.max(zb[..., 1:], axis=(2, 3, 4))
-        parts = [luma, chroma] + ([ops.reshape(self.grid_statistic(coeffs), (-1, 1))] if self.grid else [])
+        parts = [luma, chroma] + ([ops.reshape(self.grid_statistic(coeffs), (-1, 1))] if self.grid else []) \
+            + ([ops.reshape(self.island_statistic(coeffs), (-1, 1))] if self.island else [])
         return ops.concatenate(parts, axis=1)
 
     def call(self, coeffs):
@@ -329,6 +460,7 @@ class BandAnomaly(SpectralAnomaly):
         config = super().get_config()
         config.pop("texture", None)
         config["grid"] = self.grid
+        config["island"] = self.island
         return config
 
 
@@ -515,8 +647,10 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     if not sum(len(x) for x in x_fit) or not sum(len(x) for x in x_cal):
         raise TfbdError("fitting the spectral model needs fit and calibration images (got none)")
     size = spec.image_size
-    if statistic in ("bands", "grid"):
-        layer = BandAnomaly(grid=statistic == "grid", name="spectral_anomaly")
+    if statistic == "island" and size > ISLAND_MAX_SIDE:
+        raise TfbdError(f"the island statistic is for images up to {ISLAND_MAX_SIDE} px (this detector takes {size})")
+    if statistic in ("bands", "grid", "island"):
+        layer = BandAnomaly(grid=statistic in ("grid", "island"), island=statistic == "island", name="spectral_anomaly")
         layer.build((None, size, size, 3))
         count, routed, thr = _fit_bands(layer, _variant_sets(x_fit, variants), _variant_sets(x_cal, variants),
                                         target_fpr)
@@ -524,6 +658,8 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
                  "thresholds": [[round(float(t), 4) for t in row] for row in thr]}
         if layer.grid:
             extra["grid"] = grid_settings()
+        if layer.island:
+            extra["island"] = island_settings()
         return _assemble(model, spec, layer, x_fit, x_cal, target_fpr, count, routed, extra)
     layer = SpectralAnomaly(texture=texture, name="spectral_anomaly")
     layer.build((None, size, size, 3))

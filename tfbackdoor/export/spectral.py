@@ -28,9 +28,10 @@ def sidecar_entry(model):
     if isinstance(layer, spectral.BandAnomaly):
         size = layer.scale.shape
         grid = {**spectral.grid_settings(), "tables": spectral.jpeg_tables()} if layer.grid else None
+        island = spectral.island_settings() if layer.island else None
         return make_band_entry(arr(layer.scale), arr(layer.thresholds), spectral.band_edges(size[1], size[2]),
                                spectral.YCBCR, layer.route_cut, layer.near_zero, spectral.HF_MIN,
-                               combine.threshold, combine.sharpness, grid)
+                               combine.threshold, combine.sharpness, grid, island)
     texture = (arr(layer.texture_ref), arr(layer.texture_thresholds)) if layer.texture else (None, None)
     return make_spectral_entry(arr(layer.scale), arr(layer.thresholds), layer.route_cut, layer.near_zero,
                                spectral.HF_MIN, combine.threshold, combine.sharpness, *texture)
