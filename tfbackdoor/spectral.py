@@ -372,12 +372,12 @@ class BandAnomaly(SpectralAnomaly):
         the image) holds no pixel of that colour, so it is the whole flat region. Its *step* is
         the lower median, over the ring, of the smallest channel difference to the island's
         colour (how much it stands out; a ring pixel that shares one channel, e.g. partly
-        clipped, counts 0); it must exceed ``ISLAND_NEAR_TOL``. Clipping makes flat regions too (a brightened highlight is all 255),
-        but the clipped colour then appears elsewhere in the image: an island counts only when
-        at most ``ISLAND_NEAR_MAX`` other pixels lie within ``ISLAND_NEAR_TOL`` levels of its
-        colour in every channel (checked for the ``ISLAND_TOP`` largest steps). The statistic is
-        the largest step of an island that counts. Pixels are the inverse DCT of ``coeffs``,
-        rounded to 0..255.
+        clipped, counts 0); it must exceed ``ISLAND_NEAR_TOL``. Clipping makes flat regions too
+        (a brightened highlight is all 255), but the clipped colour then appears elsewhere in the
+        image: an island counts only when at most ``ISLAND_NEAR_MAX`` other pixels lie within
+        ``ISLAND_NEAR_TOL`` levels of its colour in every channel (checked for the ``ISLAND_TOP``
+        largest steps). The statistic is the largest step of an island that counts. Pixels are
+        the inverse DCT of ``coeffs``, rounded to 0..255.
         """
         n = ops.shape(coeffs)[0]
         if not self._island:
@@ -390,7 +390,8 @@ class BandAnomaly(SpectralAnomaly):
         h, w = int(coeffs.shape[1]), int(coeffs.shape[2])
         total = int(self._island_pos.shape[0])
         # equal[(dy, dx)]: pixel (y + dy, x + dx) equals pixel (y, x) in every channel. A rectangle is
-        # flat where all of its offsets are (cheaper than stride-1 max pooling, ~8 ms per image here).
+        # flat where all of its offsets are, built up row by row and column by column (stride-1
+        # max and min pooling over each rectangle took ~8 ms per image here).
         equal, column, flat_at = {}, {}, {}
 
         def eq(dy, dx):
