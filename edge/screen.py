@@ -199,7 +199,7 @@ GRID_VERSION = 4          # 4: the bands and the JPEG-grid statistic (``grid``, 
 ISLAND_VERSION = 5        # 5: and the island statistic (``island``, ``thresholds`` [2, 2 x bands + 2])
 SPECTRAL_VERSIONS = (1, 2, 3, 4, 5)
 GRID_KEYS = ("tables", "big", "tol", "floor", "clipped")
-ISLAND_KEYS = ("min_side", "max_area", "near_tol", "near_max", "top")
+ISLAND_KEYS = ("min_side", "max_area", "min_step", "near_tol", "near_max", "top")
 
 
 def dct_matrix(n: int) -> np.ndarray:
@@ -376,20 +376,20 @@ class SpectralPart:
 
     @staticmethod
     def _read_island(island: Any) -> Dict[str, Any]:
-        """The checked ``island`` entry: its constants (``ISLAND_KEYS``), positive numbers."""
+        """The checked ``island`` entry: its constants (``ISLAND_KEYS``), numbers >= 0 (sizes > 0)."""
         if not isinstance(island, dict) or any(k not in island for k in ISLAND_KEYS):
             raise ValueError(f"island must hold {', '.join(ISLAND_KEYS)}")
         values = [island[k] for k in ISLAND_KEYS]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-                   for v in values):
-            raise ValueError("island constants must be positive numbers")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                   for v in values) or min(island[k] for k in ("min_side", "max_area", "top")) <= 0:
+            raise ValueError("island constants must be numbers >= 0 (min_side, max_area and top > 0)")
         return dict(zip(ISLAND_KEYS, (float(v) for v in values)))
 
     def island_statistic(self, pixels: np.ndarray) -> np.ndarray:
         """``(N,)`` the island statistic (``BandAnomaly.island_statistic``): the largest step of a
         flat rectangle (sides >= ``min_side``, area <= ``max_area`` at 32 px, scaled) whose ring
         holds no pixel of its colour, whose step (the lower median over the ring of the smallest
-        channel difference) exceeds ``near_tol``, and of whose colour at most ``near_max`` other
+        channel difference) exceeds ``min_step``, and of whose colour at most ``near_max`` other
         pixels lie within ``near_tol`` (checked for the ``top`` largest steps); 0 without one, and
         for images larger than 64 px. Rectangles are visited in the layer's order (by shape, then
         row-major) so that ties pick the same ones."""
@@ -426,7 +426,7 @@ class SpectralPart:
                     same = ((diff.max(axis=-1) == 0) & inside).any(axis=-1)
                     dmin = np.sort(np.where(inside, diff.min(axis=-1), 1.0e9), axis=1)
                     step = dmin[np.arange(len(ii)), (inside.sum(axis=1) - 1) // 2]
-                    keep = ~same & (step > c["near_tol"])
+                    keep = ~same & (step > c["min_step"])
                     found += zip(ii[keep], base + (yy * p2 + xx)[keep], step[keep], colour[keep],
                                  [rows * cols] * int(keep.sum()))
                 base += p1 * p2

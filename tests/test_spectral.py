@@ -215,7 +215,7 @@ def test_the_island_statistic_finds_pasted_flat_patches_not_clipping(data_dir, t
     for attack in ("badnets", "badnets3"):
         found = isl(triggers.get(attack)(x).numpy())
         assert (found > 0).mean() >= 0.6, (attack, (found > 0).mean())
-        assert np.all((found == 0) | (found > spectral.ISLAND_NEAR_TOL))
+        assert np.all((found == 0) | (found > spectral.ISLAND_MIN_STEP))
     # a flat patch whose colour is all over the image is no island (clipping looks like that)
     white = x.copy()
     white[:, :6, :, :] = 255
