@@ -207,7 +207,7 @@ GRID_CLIPPED = 24  # blocks with more pixels than this (of 64) at 0 or 255 are l
 ISLAND_MIN_SIDE = 3     # a flat island's shortest side at 32 px (scaled with the image side)
 ISLAND_MAX_AREA = 25    # and its largest area at 32 px (scaled with the image area)
 ISLAND_MIN_STEP = 8.0   # an island must stand out of its ring by more than this many levels
-ISLAND_NEAR_TOL = 0.0   # pixels within this many levels (every channel) of the island's colour are "alike"
+ISLAND_NEAR_TOL = 8.0   # pixels within this many levels (every channel) of the island's colour are "alike"
 ISLAND_NEAR_MAX = 8     # an island counts only when at most this many pixels elsewhere are alike
 ISLAND_TOP = 8          # islands per image (the largest steps) whose colour is looked for elsewhere
 ISLAND_MAX_SIDE = 64    # images larger than this get no island statistic (the search grows ~ side^4)
@@ -377,12 +377,13 @@ class BandAnomaly(SpectralAnomaly):
         (a brightened highlight is all 255), but the clipped colour then appears elsewhere in the
         image: an island counts only when at most ``ISLAND_NEAR_MAX`` other pixels lie within
         ``ISLAND_NEAR_TOL`` levels of its colour in every channel (checked for the ``ISLAND_TOP``
-        largest steps). With a tolerance of 0 (exactly its colour; clipping piles pixels at
-        exactly 0 or 255) a white patch in an image with bright, textured areas still counts:
-        on the recorded images above, BadNets 3x3 with the CNN 85.8% -> 92.6% against a tolerance
-        of 8 levels, with no more clean or benign-variant images holding an island. The statistic
-        is the largest step of an island that counts. Pixels are the inverse DCT of ``coeffs``,
-        rounded to 0..255.
+        largest steps). A tolerance of 0 (exactly its colour; clipping piles pixels at exactly 0
+        or 255) lets a white patch in an image with bright, textured areas count too (BadNets 3x3
+        with the CNN 85.8% -> 92.6% on the recorded images above), but its one evaluation run
+        (thresholds fitted with 8 levels) flagged 2.05% of contrast-raised lossless images, over
+        issue 11's 2% bound: 8 levels are kept until it is refitted and measured (BENCHMARKS.md
+        "Generality, round 8"). The statistic is the largest step of an island that counts.
+        Pixels are the inverse DCT of ``coeffs``, rounded to 0..255.
         """
         n = ops.shape(coeffs)[0]
         if not self._island:
