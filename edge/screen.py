@@ -200,6 +200,7 @@ ISLAND_VERSION = 5        # 5: and the island statistic (``island``, ``threshold
 SPECTRAL_VERSIONS = (1, 2, 3, 4, 5)
 GRID_KEYS = ("tables", "big", "tol", "floor", "clipped")
 ISLAND_KEYS = ("min_side", "max_area", "min_step", "near_tol", "near_max", "top")
+ISLAND_MAX_SIDE = 64      # larger images get no island statistic (as ``tfbackdoor.spectral.ISLAND_MAX_SIDE``)
 
 
 def dct_matrix(n: int) -> np.ndarray:
@@ -338,6 +339,7 @@ class SpectralPart:
             setattr(self, key, pair)
         self.grid = self._read_grid(entry["grid"]) if version >= GRID_VERSION else None
         self.island = self._read_island(entry["island"]) if version == ISLAND_VERSION else None
+        self._island_cache: Dict[Tuple[int, int], list] = {}
         self.scale = scale.astype(np.float64)
         self.thresholds = thresholds
         self.route_cut = float(entry["route_cut"])
@@ -385,6 +387,20 @@ class SpectralPart:
             raise ValueError("island constants must be numbers >= 0 (min_side, max_area and top > 0)")
         return dict(zip(ISLAND_KEYS, (float(v) for v in values)))
 
+    def _island_rectangles(self, h: int, w: int) -> List[Tuple[int, int, np.ndarray]]:
+        """``[(rows, cols, ring), ...]`` the island statistic's rectangles for ``h x w`` images, in
+        the layer's order, each with its one-pixel ring ``(R, 2)`` (row above and below, corners
+        included, then the column left and right; relative to the top-left pixel). Built once
+        per size; none above ``ISLAND_MAX_SIDE``."""
+        if (h, w) not in self._island_cache:
+            c, s = self.island, min(h, w) / 32.0
+            lo, area = max(2, round(c["min_side"] * s)), round(c["max_area"] * s * s)
+            self._island_cache[h, w] = [] if max(h, w) > ISLAND_MAX_SIDE else [
+                (rows, cols, np.array([(-1, dx) for dx in range(-1, cols + 1)] + [(rows, dx) for dx in range(-1, cols + 1)]
+                                      + [(dy, -1) for dy in range(rows)] + [(dy, cols) for dy in range(rows)]))
+                for rows in range(lo, h) for cols in range(lo, w) if rows * cols <= area]
+        return self._island_cache[h, w]
+
     def island_statistic(self, pixels: np.ndarray) -> np.ndarray:
         """``(N,)`` the island statistic (``BandAnomaly.island_statistic``): the largest step of a
         flat rectangle (sides >= ``min_side``, area <= ``max_area`` at 32 px, scaled) whose ring
@@ -397,39 +413,30 @@ class SpectralPart:
         p = np.clip(np.round(np.asarray(pixels, np.float64)), 0.0, 255.0)
         n, h, w = p.shape[:3]
         out = np.zeros(n)
-        if max(h, w) > 64:
-            return out
-        s = min(h, w) / 32.0
-        lo, area = max(2, round(c["min_side"] * s)), round(c["max_area"] * s * s)
         found: List[Tuple[int, int, float, np.ndarray, int]] = []    # image, rectangle index, step, colour, area
         base = 0
-        for rows in range(lo, h):
-            for cols in range(lo, w):
-                if rows * cols > area:
-                    continue
-                p1, p2 = h - rows + 1, w - cols + 1
-                # flat: the running max equals the running min over the rectangle, every channel
-                hi, low = p[:, :p1], p[:, :p1]
-                for k in range(1, rows):
-                    hi, low = np.maximum(hi, p[:, k:k + p1]), np.minimum(low, p[:, k:k + p1])
-                hi2, low2 = hi[:, :, :p2], low[:, :, :p2]
-                for k in range(1, cols):
-                    hi2, low2 = np.maximum(hi2, hi[:, :, k:k + p2]), np.minimum(low2, low[:, :, k:k + p2])
-                ii, yy, xx = np.nonzero((hi2 == low2).all(axis=-1))
-                if len(ii):
-                    ring = np.array([(-1, dx) for dx in range(-1, cols + 1)] + [(rows, dx) for dx in range(-1, cols + 1)]
-                                    + [(dy, -1) for dy in range(rows)] + [(dy, cols) for dy in range(rows)])
-                    ry, rx = yy[:, None] + ring[None, :, 0], xx[:, None] + ring[None, :, 1]
-                    inside = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
-                    colour = p[ii, yy, xx]
-                    diff = np.abs(p[ii[:, None], np.clip(ry, 0, h - 1), np.clip(rx, 0, w - 1)] - colour[:, None])
-                    same = ((diff.max(axis=-1) == 0) & inside).any(axis=-1)
-                    dmin = np.sort(np.where(inside, diff.min(axis=-1), 1.0e9), axis=1)
-                    step = dmin[np.arange(len(ii)), (inside.sum(axis=1) - 1) // 2]
-                    keep = ~same & (step > c["min_step"])
-                    found += zip(ii[keep], base + (yy * p2 + xx)[keep], step[keep], colour[keep],
-                                 [rows * cols] * int(keep.sum()))
-                base += p1 * p2
+        for rows, cols, ring in self._island_rectangles(h, w):
+            p1, p2 = h - rows + 1, w - cols + 1
+            # flat: the running max equals the running min over the rectangle, every channel
+            hi, low = p[:, :p1], p[:, :p1]
+            for k in range(1, rows):
+                hi, low = np.maximum(hi, p[:, k:k + p1]), np.minimum(low, p[:, k:k + p1])
+            hi2, low2 = hi[:, :, :p2], low[:, :, :p2]
+            for k in range(1, cols):
+                hi2, low2 = np.maximum(hi2, hi[:, :, k:k + p2]), np.minimum(low2, low[:, :, k:k + p2])
+            ii, yy, xx = np.nonzero((hi2 == low2).all(axis=-1))
+            if len(ii):
+                ry, rx = yy[:, None] + ring[None, :, 0], xx[:, None] + ring[None, :, 1]
+                inside = (ry >= 0) & (ry < h) & (rx >= 0) & (rx < w)
+                colour = p[ii, yy, xx]
+                diff = np.abs(p[ii[:, None], np.clip(ry, 0, h - 1), np.clip(rx, 0, w - 1)] - colour[:, None])
+                same = ((diff.max(axis=-1) == 0) & inside).any(axis=-1)
+                dmin = np.sort(np.where(inside, diff.min(axis=-1), 1.0e9), axis=1)
+                step = dmin[np.arange(len(ii)), (inside.sum(axis=1) - 1) // 2]
+                keep = ~same & (step > c["min_step"])
+                found += zip(ii[keep], base + (yy * p2 + xx)[keep], step[keep], colour[keep],
+                             [rows * cols] * int(keep.sum()))
+            base += p1 * p2
         per_image: Dict[int, list] = {}
         for f in found:
             per_image.setdefault(int(f[0]), []).append(f)

@@ -107,12 +107,16 @@ class SpectralAnomaly(keras.layers.Layer):
         dc[0, 0, :] = 0.0          # the DC term (mean brightness) is never evidence
         self._not_dc = ops.convert_to_tensor(dc)
 
+    def _pixels(self, coeffs):
+        """``(batch, H, W, C)`` the pixels of DCT ``coeffs``: ``D^T X D`` per channel (the inverse
+        orthonormal DCT), unrounded."""
+        return ops.einsum("uh,nuvc,vw->nhwc", self._d_h, coeffs, self._d_w)
+
     def _pixels_and_blocks(self, coeffs):
         """``(pixels (batch, H, W, C), blocks (batch, H, W))`` of a routable size: the inverse DCT
         and the 8x8 block DCT (JPEG grid) of its centred BT.601 luma, each block's coefficients in
         its place."""
-        # pixels = D^T X D per channel (the inverse orthonormal DCT), then luma (BT.601), centred.
-        pix = ops.einsum("uh,nuvc,vw->nhwc", self._d_h, coeffs, self._d_w)
+        pix = self._pixels(coeffs)
         luma = pix[..., 0] * 0.299 + pix[..., 1] * 0.587 + pix[..., 2] * 0.114 - 128.0
         return pix, ops.einsum("ph,nhw,qw->npq", self._b_h, luma, self._b_w)
 
@@ -391,8 +395,7 @@ class BandAnomaly(SpectralAnomaly):
         # tf ops, not keras.ops, here: flat rectangles are rare (most clean images have none), so
         # the rings are gathered for those only (tf.where); measuring every position with
         # keras.ops costs ~50 ms per image.
-        pix = ops.einsum("uh,nuvc,vw->nhwc", self._d_h, coeffs, self._d_w)
-        p = tf.clip_by_value(tf.round(pix), 0.0, 255.0)
+        p = tf.clip_by_value(tf.round(self._pixels(coeffs)), 0.0, 255.0)
         h, w = int(coeffs.shape[1]), int(coeffs.shape[2])
         total = int(self._island_pos.shape[0])
         # equal[(dy, dx)]: pixel (y + dy, x + dx) equals pixel (y, x) in every channel. A rectangle is
@@ -405,23 +408,23 @@ class BandAnomaly(SpectralAnomaly):
                 equal[dy, dx] = tf.reduce_all(tf.equal(p[:, dy:, dx:], p[:, :h - dy, :w - dx]), axis=-1)
             return equal[dy, dx]
 
-        def col(rows, dx):       # offsets (0..rows-1, dx) all equal
+        def col(rows, dx):       # (n, h - rows + 1, w - dx): offsets (0..rows-1, dx) all equal
             if (rows, dx) not in column:
                 column[rows, dx] = eq(0, dx) if rows == 1 else \
-                    tf.logical_and(col(rows - 1, dx)[:, :h - rows + 1], eq(rows - 1, dx)[:, :, :w - dx])
+                    tf.logical_and(col(rows - 1, dx)[:, :h - rows + 1], eq(rows - 1, dx))
             return column[rows, dx]
 
-        def flat(rows, cols):    # every offset of a rows x cols rectangle equal (not cropped to it)
+        def flat(rows, cols):    # (n, h - rows + 1, w - cols + 1): every offset of the rectangle equal
             if (rows, cols) not in flat_at:
                 flat_at[rows, cols] = col(rows, 0) if cols == 1 else \
-                    tf.logical_and(flat(rows, cols - 1)[:, :, :w - cols + 1], col(rows, cols - 1)[:, :h - rows + 1])
+                    tf.logical_and(flat(rows, cols - 1)[:, :, :w - cols + 1], col(rows, cols - 1))
             return flat_at[rows, cols]
 
         images, where, steps = [], [], []
         base = 0
         for rows, cols, ring, inside, slot in self._island:
             p1, p2 = h - rows + 1, w - cols + 1
-            at = tf.cast(tf.where(flat(rows, cols)[:, :p1, :p2]), tf.int32)        # (m, 3): image, y, x
+            at = tf.cast(tf.where(flat(rows, cols)), tf.int32)                      # (m, 3): image, y, x
             ys = at[:, 1:2] + ring[None, :, 0]
             xs = at[:, 2:3] + ring[None, :, 1]
             ok = tf.gather_nd(inside, at[:, 1:])                                    # (m, R)
