@@ -359,10 +359,13 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, batch_size, tr
                    "(a small rectangle of exactly one colour that stands out and whose colour appears nowhere "
                    "else: a pasted patch; up to 64-px inputs); texture: the largest coefficient, and it "
                    "over the image's median one; max: the largest coefficient alone (round 5).")
+@click.option("--island-tolerance", type=float, default=None,
+              help="island: pixels within this many levels (every channel) of an island's colour count as its "
+                   "colour found elsewhere (default 4; round 8 used 8).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), required=True)
 @handle_errors
-def fit_spectral(detector_path, dataset, samples, calibration, target_fpr, statistic, seed, out):
+def fit_spectral(detector_path, dataset, samples, calibration, target_fpr, statistic, island_tolerance, seed, out):
     """Add a clean-spectrum anomaly part to a DCT detector (one file; images used are excluded from evaluation).
 
     It learns each DCT coefficient's RMS on clean images (separately for JPEG-like and lossless-like
@@ -384,9 +387,12 @@ def fit_spectral(detector_path, dataset, samples, calibration, target_fpr, stati
     counts = counts * len(parts) if len(counts) == 1 else counts
     if not 0 < target_fpr < 100:
         raise TfbdError(f"--target-fpr must be in (0, 100) (got {target_fpr})")
+    if island_tolerance is not None and statistic != "island":
+        raise TfbdError(f"--island-tolerance is for --statistic island (got --statistic {statistic})")
     model = detector.load(detector_path)
     new = detector.fit_spectral(model, dataset, counts, calibration, target_fpr, seed,
-                                command="tfbd " + " ".join(sys.argv[1:]), statistic=statistic)
+                                command="tfbd " + " ".join(sys.argv[1:]), statistic=statistic,
+                                island_tolerance=island_tolerance)
     detector.save(new, out)
     rep = detector.spec_of(new).info["spectral"]
     thr = lambda row: "/".join(f"{v:.2f}" for v in (row if isinstance(row, list) else [row]))

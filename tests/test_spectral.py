@@ -232,11 +232,34 @@ def test_the_island_statistic_finds_pasted_flat_patches_not_clipping(data_dir, t
     detector.save(model, path)
     again = detector.load(path).get_layer("spectral_anomaly")
     assert again.island and again.grid and tuple(again.thresholds.shape) == (2, 12)
+    assert again.island_near_tol == spectral.ISLAND_NEAR_TOL < spectral.ISLAND_NEAR_TOL_ROUND8
     config = spectral.BandAnomaly(grid=True).get_config()
     config.pop("island")      # a config saved before the option existed
     old = spectral.BandAnomaly.from_config(config)
     old.build((None, 32, 32, 3))
     assert not old.island and tuple(old.thresholds.shape) == (2, 11)
+
+
+def test_the_island_tolerance_is_the_layers_and_old_configs_keep_8_levels():
+    """``island_near_tol`` decides whether a near-white textured area elsewhere hides a white patch;
+    it is saved with the layer, and a config saved before it was (round 8) keeps 8 levels."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(60, 120, (4, 32, 32, 3)).astype(np.uint8)
+    x[:, :4, :16] = rng.integers(246, 253, (4, 4, 16, 3))     # bright texture: 3..9 levels below 255
+    x[:, -3:, -3:] = 255                                        # a white 3x3 patch
+    coeffs = dct2d(x)
+    values = {}
+    for tol in (0.0, spectral.ISLAND_NEAR_TOL, 8.0):
+        layer = spectral.BandAnomaly(grid=True, island=True, island_near_tol=tol)
+        layer.build((None, 32, 32, 3))
+        values[tol] = layer.island_statistic(coeffs).numpy()
+    assert np.all(values[0.0] > spectral.ISLAND_MIN_STEP) and np.all(values[8.0] == 0), values
+    np.testing.assert_array_equal(values[spectral.ISLAND_NEAR_TOL], values[0.0])
+    config = spectral.BandAnomaly(grid=True, island=True, island_near_tol=3.0).get_config()
+    assert spectral.BandAnomaly.from_config(config).island_near_tol == 3.0
+    config.pop("island_near_tol")     # a round-8 config
+    assert spectral.BandAnomaly.from_config(config).island_near_tol == spectral.ISLAND_NEAR_TOL_ROUND8 == 8.0
+    assert spectral.island_settings(5.0)["near_tol"] == 5.0
 
 
 def test_the_island_statistic_is_refused_for_large_inputs():
@@ -296,3 +319,12 @@ def test_cli_fit_spectral_records_its_images_and_evaluate_leaves_them_out(tmp_pa
     bad = run_tfbd("fit-spectral", "--detector", str(base), "--dataset", "cifar10:lossless", "--target-fpr", "0",
                    "--out", str(out))
     assert bad.exit_code != 0 and "--target-fpr" in bad.output and "Traceback" not in bad.output
+    bad = run_tfbd("fit-spectral", "--detector", str(base), "--dataset", "cifar10:lossless", "--island-tolerance", "2",
+                   "--out", str(out))
+    assert bad.exit_code != 0 and "--island-tolerance is for --statistic island" in bad.output
+    r = run_tfbd("fit-spectral", "--detector", str(base), "--dataset", "cifar10:lossless", "--samples", "150",
+                 "--calibration", "50", "--statistic", "island", "--island-tolerance", "1.5", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    layer = detector.load(out).get_layer("spectral_anomaly")
+    assert layer.island and layer.island_near_tol == 1.5
+    assert detector.spec_of(detector.load(out)).info["spectral"]["island"]["near_tol"] == 1.5

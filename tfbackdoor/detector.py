@@ -413,13 +413,14 @@ def finetune(model, x, out, samples=100, epochs=10, repeat=10, batch_size=32, lr
 # ----------------------------------------------------------------------- the spectral part
 
 def fit_spectral(model, dataset, samples, calibration=500, target_fpr=0.5, seed=0, command=None, verbose=True,
-                 statistic="bands"):
+                 statistic="bands", island_tolerance=None):
     """Add (or refit) the clean-spectrum anomaly part of a DCT detector (:mod:`tfbackdoor.spectral`).
 
     ``dataset``: clean images, ``A+B+...``; ``samples``: images of each part whose spectra give the
     statistics (an int, or one per part); ``calibration``: more images of each part, held out,
     that set the spectral thresholds at ``target_fpr`` percent of every (part, benign variant) set;
-    ``statistic``: ``max``, ``texture``, ``bands`` or ``grid`` (:func:`tfbackdoor.spectral.fit`).
+    ``statistic``: ``max``, ``texture``, ``bands``, ``grid`` or ``island`` (:func:`tfbackdoor.spectral.fit`);
+    ``island_tolerance``: the island statistic's colour tolerance (default ``spectral.ISLAND_NEAR_TOL``).
     Both kinds of ids are recorded as exclusions (never evaluated on), merged with the model's.
     Returns the new model (the CNN, its threshold and its info unchanged, plus ``info["spectral"]``).
     """
@@ -442,7 +443,7 @@ def fit_spectral(model, dataset, samples, calibration=500, target_fpr=0.5, seed=
         excl[part] = sorted(set(excl.get(part, [])) | {relative_id(part, i) for i in ids})
         if verbose:
             print(f"{part}: spectra of {len(fits[-1])} images, thresholds from {len(cals[-1])} more", flush=True)
-    new, report = spectral.fit(model, fits, cals, target_fpr, statistic=statistic)
+    new, report = spectral.fit(model, fits, cals, target_fpr, statistic=statistic, island_near_tol=island_tolerance)
     new_spec = spec_of(new)
     report.update({"dataset": dataset, "samples": counts, "calibration": calibration, "seed": seed,
                    "command": command})

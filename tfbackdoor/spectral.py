@@ -211,17 +211,19 @@ GRID_CLIPPED = 24  # blocks with more pixels than this (of 64) at 0 or 255 are l
 ISLAND_MIN_SIDE = 3     # a flat island's shortest side at 32 px (scaled with the image side)
 ISLAND_MAX_AREA = 25    # and its largest area at 32 px (scaled with the image area)
 ISLAND_MIN_STEP = 8.0   # an island must stand out of its ring by more than this many levels
-ISLAND_NEAR_TOL = 8.0   # pixels within this many levels (every channel) of the island's colour are "alike"
+ISLAND_NEAR_TOL = 4.0   # pixels within this many levels (every channel) of the island's colour are "alike"
+ISLAND_NEAR_TOL_ROUND8 = 8.0   # the tolerance of detectors saved before the layer recorded it (round 8)
 ISLAND_NEAR_MAX = 8     # an island counts only when at most this many pixels elsewhere are alike
 ISLAND_TOP = 8          # islands per image (the largest steps) whose colour is looked for elsewhere
 ISLAND_MAX_SIDE = 64    # images larger than this get no island statistic (the search grows ~ side^4)
 _ISLAND_OUTSIDE = -1.0e4
 
 
-def island_settings() -> dict:
-    """The island statistic's constants, as the fit report and the screener sidecar record them."""
+def island_settings(near_tol=ISLAND_NEAR_TOL) -> dict:
+    """The island statistic's constants, as the fit report and the screener sidecar record them
+    (``near_tol``: the layer's, :attr:`BandAnomaly.island_near_tol`)."""
     return {"min_side": ISLAND_MIN_SIDE, "max_area": ISLAND_MAX_AREA, "min_step": ISLAND_MIN_STEP,
-            "near_tol": ISLAND_NEAR_TOL, "near_max": ISLAND_NEAR_MAX, "top": ISLAND_TOP}
+            "near_tol": float(near_tol), "near_max": ISLAND_NEAR_MAX, "top": ISLAND_TOP}
 
 
 def island_shapes(h: int, w: int, min_side=ISLAND_MIN_SIDE, max_area=ISLAND_MAX_AREA) -> list:
@@ -280,11 +282,21 @@ class BandAnomaly(SpectralAnomaly):
     grid statistic). Output ``(batch,)``.
     """
 
-    def __init__(self, route_cut=ROUTE_CUT, near_zero=NEAR_ZERO, grid=False, island=False, **kwargs):
+    def __init__(self, route_cut=ROUTE_CUT, near_zero=NEAR_ZERO, grid=False, island=False,
+                 island_near_tol=ISLAND_NEAR_TOL, **kwargs):
         kwargs.pop("texture", None)
         super().__init__(route_cut, near_zero, texture=False, **kwargs)
         self.grid = bool(grid)       # False: models fitted before the grid statistic existed
         self.island = bool(island)   # False: models fitted before the island statistic existed
+        # part of the config, so a saved detector keeps the rule its thresholds were fitted with
+        self.island_near_tol = float(island_near_tol)
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if config.get("island") and "island_near_tol" not in config:
+            config["island_near_tol"] = ISLAND_NEAR_TOL_ROUND8   # saved before the layer recorded it
+        return cls(**config)
 
     def build(self, input_shape):
         h, w, c = int(input_shape[1]), int(input_shape[2]), int(input_shape[3])
@@ -381,11 +393,13 @@ class BandAnomaly(SpectralAnomaly):
         (a brightened highlight is all 255), but the clipped colour then appears elsewhere in the
         image: an island counts only when at most ``ISLAND_NEAR_MAX`` other pixels lie within
         ``ISLAND_NEAR_TOL`` levels of its colour in every channel (checked for the ``ISLAND_TOP``
-        largest steps). A tolerance of 0 (exactly its colour; clipping piles pixels at exactly 0
-        or 255) lets a white patch in an image with bright, textured areas count too (BadNets 3x3
-        with the CNN 85.8% -> 92.6% on the recorded images above); refitted with it, the shipped
-        detector's FPRs hold and BadNets 3x3 rises on evaluation images too, but its other rows
-        were not measured yet, so 8 levels are kept (BENCHMARKS.md "Generality, round 8"). The
+        largest steps; ``island_near_tol``, a part of the layer's config). The default tolerance is
+        4 levels (round 9; round 8 shipped 8, ``ISLAND_NEAR_TOL_ROUND8``, which configs saved
+        without the key keep): a white patch in an image with bright, textured areas (many pixels
+        5-8 levels below white) now counts too, while clipped highlights (pixels piled at exactly 0
+        or 255) are still ruled out. On the recorded images above, with the CNN, BadNets 3x3
+        84.7% -> 87.5% at 4 levels (0 levels: 88.8%, but then brightened, darkened and
+        contrast-raised calibration images hold islands too; BENCHMARKS.md "Generality, round 9"). The
         statistic is the largest step of an island that counts.
         Pixels are the inverse DCT of ``coeffs``, rounded to 0..255.
         """
@@ -445,7 +459,7 @@ class BandAnomaly(SpectralAnomaly):
         pos = tf.gather(self._island_pos, idx)                                      # (n, k, 3): y, x, area
         colour = tf.gather_nd(p, tf.stack([tf.broadcast_to(tf.range(tf.shape(p)[0])[:, None], tf.shape(idx)),
                                            pos[..., 0], pos[..., 1]], -1))          # (n, k, 3)
-        alike = tf.reduce_max(tf.abs(p[:, None] - colour[:, :, None, None, :]), axis=-1) <= ISLAND_NEAR_TOL
+        alike = tf.reduce_max(tf.abs(p[:, None] - colour[:, :, None, None, :]), axis=-1) <= self.island_near_tol
         near = tf.reduce_sum(tf.cast(alike, tf.int32), axis=(2, 3)) - pos[..., 2]
         return tf.reduce_max(tf.where(tf.logical_and(best > 0.0, near <= ISLAND_NEAR_MAX), best, 0.0), axis=1)
 
@@ -471,6 +485,7 @@ class BandAnomaly(SpectralAnomaly):
         config.pop("texture", None)
         config["grid"] = self.grid
         config["island"] = self.island
+        config["island_near_tol"] = self.island_near_tol
         return config
 
 
@@ -625,7 +640,7 @@ def _fit_bands(layer, fit_sets, cal_sets, target_fpr):
     return count, routed, thr
 
 
-def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statistic=None):
+def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statistic=None, island_near_tol=None):
     """A copy of detector ``model`` with a fitted :class:`SpectralAnomaly` beside its CNN.
 
     ``x_fit``: uint8 clean images (an array or a list, one per source) whose RMS spectra, as is
@@ -640,9 +655,10 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     ``"bands"`` (:class:`BandAnomaly`: per band, luma and chroma, each threshold first at a
     ``k``-th of the budget, then all of a branch scaled together so that "any passes" flags
     ``target_fpr`` percent of the worst set) or ``"grid"`` (the bands and the JPEG-grid statistic,
-    :meth:`BandAnomaly.grid_statistic`, fitted the same way). Default ``"bands"``; without
-    ``statistic``, ``texture=True`` / ``False`` picks ``"texture"`` / ``"max"``. Returns
-    ``(model, report)``.
+    :meth:`BandAnomaly.grid_statistic`, fitted the same way) or ``"island"`` (and the island
+    statistic, :meth:`BandAnomaly.island_statistic`; ``island_near_tol``, its colour tolerance,
+    default ``ISLAND_NEAR_TOL``). Default ``"bands"``; without ``statistic``, ``texture=True`` /
+    ``False`` picks ``"texture"`` / ``"max"``. Returns ``(model, report)``.
     """
     if statistic is None:
         statistic = "bands" if texture is None else ("texture" if texture else "max")
@@ -660,7 +676,11 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     if statistic == "island" and size > ISLAND_MAX_SIDE:
         raise TfbdError(f"the island statistic is for images up to {ISLAND_MAX_SIDE} px (this detector takes {size})")
     if statistic in ("bands", "grid", "island"):
-        layer = BandAnomaly(grid=statistic in ("grid", "island"), island=statistic == "island", name="spectral_anomaly")
+        tol = ISLAND_NEAR_TOL if island_near_tol is None else float(island_near_tol)
+        if not 0.0 <= tol <= 255.0:
+            raise TfbdError(f"the island tolerance must be 0..255 levels (got {island_near_tol})")
+        layer = BandAnomaly(grid=statistic in ("grid", "island"), island=statistic == "island",
+                            island_near_tol=tol, name="spectral_anomaly")
         layer.build((None, size, size, 3))
         count, routed, thr = _fit_bands(layer, _variant_sets(x_fit, variants), _variant_sets(x_cal, variants),
                                         target_fpr)
@@ -669,7 +689,7 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
         if layer.grid:
             extra["grid"] = grid_settings()
         if layer.island:
-            extra["island"] = island_settings()
+            extra["island"] = island_settings(layer.island_near_tol)
         return _assemble(model, spec, layer, x_fit, x_cal, target_fpr, count, routed, extra)
     layer = SpectralAnomaly(texture=texture, name="spectral_anomaly")
     layer.build((None, size, size, 3))

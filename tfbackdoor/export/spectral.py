@@ -28,7 +28,7 @@ def sidecar_entry(model):
     if isinstance(layer, spectral.BandAnomaly):
         size = layer.scale.shape
         grid = {**spectral.grid_settings(), "tables": spectral.jpeg_tables()} if layer.grid else None
-        island = spectral.island_settings() if layer.island else None
+        island = spectral.island_settings(layer.island_near_tol) if layer.island else None
         return make_band_entry(arr(layer.scale), arr(layer.thresholds), spectral.band_edges(size[1], size[2]),
                                spectral.YCBCR, layer.route_cut, layer.near_zero, spectral.HF_MIN,
                                combine.threshold, combine.sharpness, grid, island)
