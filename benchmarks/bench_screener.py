@@ -7,7 +7,10 @@ the float32 and float16 screeners in the JSON).
 
 Target 2 (cost): Keras float32 (DCT + model in one ``tf.function``), TFLite float32, float16 and
 int8: ms per image at batch 1 (set_tensor + invoke + get_tensor; median over ``--latency-images``
-images, best of three interleaved rounds), Keras images/s at its best batch size, and file sizes.
+images, best of three interleaved rounds), Keras images/s at its best batch size, and file sizes;
+and, when the int8 screener's sidecar has a spectral part, what its numpy twin in
+``edge/screen.py`` adds per frame at batch 1 (the whole ratio, and its JPEG-grid and island
+statistics alone; median over the same images, best of three rounds).
 
     python benchmarks/bench_screener.py --detector saved_models/detector_cifar10.keras \
         --limit 2000 --out benchmarks/results/screener.json
@@ -162,12 +165,35 @@ def main():
                      "images_per_s": round(1000.0 / ms, 1), "best_batch": 1,
                      "ops": export.describe(path)["ops"]})
 
+    # the numpy spectral part a device runs beside the .tflite (edge/screen.py), per frame
+    from tfbackdoor.export.runtime import spectral_part
+
+    part = spectral_part(paths["int8"])
+    spectral_cost = None
+    if part is not None:
+        frames = [f[None].astype(np.float64) for f in lat_imgs]
+
+        def part_round(fn):
+            times = []
+            for f in frames:
+                t0 = time.perf_counter()
+                fn(f)
+                times.append((time.perf_counter() - t0) * 1000)
+            return float(np.median(times))
+
+        parts = {"ratio": part.ratio}
+        if part.grid is not None:
+            parts["grid"] = part.grid_statistic
+        if part.island is not None:
+            parts["island"] = part.island_statistic
+        spectral_cost = {f"{k}_ms_per_frame": round(min(part_round(fn) for _ in range(3)), 3) for k, fn in parts.items()}
+
     del interpreters
     shutil.rmtree(tmp, ignore_errors=True)
     result = {"command": "python " + " ".join(sys.argv), "detector": args.detector, "threshold": thr,
               "dataset": args.dataset, "limit": args.limit, "threads": args.threads,
               "int8_model": args.int8 or "(exported by this run)",
-              "fidelity": fidelity, "cost": cost}
+              "fidelity": fidelity, "cost": cost, "spectral_cost": spectral_cost}
     if args.out:
         write_json(result, args.out)
 
@@ -188,6 +214,9 @@ def main():
     for c in cost:
         extra = f" (batch {c['best_batch']})" if c["variant"].startswith("Keras") else ""
         print(f"| {c['variant']} | {c['bytes'] / 1e6:.2f} MB | {c['ms_per_image_b1']:.3f} | {c['images_per_s']:.0f}{extra} |")
+    if spectral_cost:
+        print("\nnumpy spectral part (edge/screen.py) per frame, batch 1, median: "
+              + ", ".join(f"{k.replace('_ms_per_frame', '')} {v:.2f} ms" for k, v in spectral_cost.items()))
 
 
 if __name__ == "__main__":
