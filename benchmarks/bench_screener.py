@@ -126,14 +126,17 @@ def main():
         keras_fn(one)
     interpreters = {q: export.interpreter(path, args.threads) for q, path in paths.items()}
 
-    def keras_round():
+    def median_ms(fn, inputs):
+        """Median ms of ``fn(one input)`` over ``inputs`` (each built beforehand, outside the timing)."""
         times = []
-        for i in range(len(lat_imgs)):
-            b = tf.constant(lat_imgs[i:i + 1])
+        for b in inputs:
             t0 = time.perf_counter()
-            keras_fn(b).numpy()
+            fn(b)
             times.append((time.perf_counter() - t0) * 1000)
         return float(np.median(times))
+
+    def keras_round():
+        return median_ms(lambda b: keras_fn(b).numpy(), [tf.constant(lat_imgs[i:i + 1]) for i in range(len(lat_imgs))])
 
     def tflite_round(it):
         return float(np.median(export.tflite_scores(it, lat_imgs, return_latency=True)[1]))
@@ -172,21 +175,12 @@ def main():
     spectral_cost = None
     if part is not None:
         frames = [f[None].astype(np.float64) for f in lat_imgs]
-
-        def part_round(fn):
-            times = []
-            for f in frames:
-                t0 = time.perf_counter()
-                fn(f)
-                times.append((time.perf_counter() - t0) * 1000)
-            return float(np.median(times))
-
         parts = {"ratio": part.ratio}
         if part.grid is not None:
             parts["grid"] = part.grid_statistic
         if part.island is not None:
             parts["island"] = part.island_statistic
-        spectral_cost = {f"{k}_ms_per_frame": round(min(part_round(fn) for _ in range(3)), 3) for k, fn in parts.items()}
+        spectral_cost = {f"{k}_ms_per_frame": round(min(median_ms(fn, frames) for _ in range(3)), 3) for k, fn in parts.items()}
 
     del interpreters
     shutil.rmtree(tmp, ignore_errors=True)
