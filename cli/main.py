@@ -387,8 +387,6 @@ def fit_spectral(detector_path, dataset, samples, calibration, target_fpr, stati
     counts = counts * len(parts) if len(counts) == 1 else counts
     if not 0 < target_fpr < 100:
         raise TfbdError(f"--target-fpr must be in (0, 100) (got {target_fpr})")
-    if island_tolerance is not None and statistic != "island":
-        raise TfbdError(f"--island-tolerance is for --statistic island (got --statistic {statistic})")
     model = detector.load(detector_path)
     new = detector.fit_spectral(model, dataset, counts, calibration, target_fpr, seed,
                                 command="tfbd " + " ".join(sys.argv[1:]), statistic=statistic,

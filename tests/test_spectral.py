@@ -262,6 +262,22 @@ def test_the_island_tolerance_is_the_layers_and_old_configs_keep_8_levels():
     assert spectral.island_settings(5.0)["near_tol"] == 5.0
 
 
+def test_an_island_tolerance_is_refused_for_other_statistics_before_any_image_is_loaded():
+    from tfbackdoor.errors import TfbdError
+
+    x = [np.zeros((4, 32, 32, 3), np.uint8)]
+    with pytest.raises(TfbdError, match="only for the island statistic .got statistic 'grid'"):
+        spectral.fit(detector.build("cnn6", 32, "dct"), x, x, statistic="grid", island_near_tol=2.0)
+    with pytest.raises(TfbdError, match="0..255 levels"):
+        spectral.check_statistic("island", 300)
+    assert spectral.check_statistic("island", None) == spectral.ISLAND_NEAR_TOL
+    assert spectral.check_statistic("island", "1.5") == 1.5
+    # detector.fit_spectral checks first: a dataset that cannot be loaded is never reached
+    with pytest.raises(TfbdError, match="only for the island statistic"):
+        detector.fit_spectral(detector.build("cnn6", 32, "dct"), "dir:/nonexistent", 10, statistic="bands",
+                              island_tolerance=4.0, verbose=False)
+
+
 def test_the_island_statistic_is_refused_for_large_inputs():
     from tfbackdoor.errors import TfbdError
 
@@ -321,7 +337,7 @@ def test_cli_fit_spectral_records_its_images_and_evaluate_leaves_them_out(tmp_pa
     assert bad.exit_code != 0 and "--target-fpr" in bad.output and "Traceback" not in bad.output
     bad = run_tfbd("fit-spectral", "--detector", str(base), "--dataset", "cifar10:lossless", "--island-tolerance", "2",
                    "--out", str(out))
-    assert bad.exit_code != 0 and "--island-tolerance is for --statistic island" in bad.output
+    assert bad.exit_code != 0 and "only for the island statistic (got statistic 'bands')" in bad.output
     r = run_tfbd("fit-spectral", "--detector", str(base), "--dataset", "cifar10:lossless", "--samples", "150",
                  "--calibration", "50", "--statistic", "island", "--island-tolerance", "1.5", "--out", str(out))
     assert r.exit_code == 0, r.output

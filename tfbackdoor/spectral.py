@@ -640,6 +640,22 @@ def _fit_bands(layer, fit_sets, cal_sets, target_fpr):
     return count, routed, thr
 
 
+def check_statistic(statistic, island_near_tol=None) -> float:
+    """Refuse an unknown ``statistic``, or an ``island_near_tol`` given for any statistic but
+    ``"island"`` or outside 0..255; return the island tolerance to use (``ISLAND_NEAR_TOL`` if None)."""
+    if statistic not in STATISTICS:
+        raise TfbdError(f"unknown spectral statistic '{statistic}' ({', '.join(STATISTICS)})")
+    if island_near_tol is None:
+        return ISLAND_NEAR_TOL
+    if statistic != "island":
+        raise TfbdError(f"the island tolerance (--island-tolerance) is only for the island statistic "
+                        f"(got statistic '{statistic}')")
+    tol = float(island_near_tol)
+    if not 0.0 <= tol <= 255.0:
+        raise TfbdError(f"the island tolerance must be 0..255 levels (got {island_near_tol})")
+    return tol
+
+
 def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statistic=None, island_near_tol=None):
     """A copy of detector ``model`` with a fitted :class:`SpectralAnomaly` beside its CNN.
 
@@ -662,8 +678,7 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     """
     if statistic is None:
         statistic = "bands" if texture is None else ("texture" if texture else "max")
-    if statistic not in STATISTICS:
-        raise TfbdError(f"unknown spectral statistic '{statistic}' ({', '.join(STATISTICS)})")
+    tol = check_statistic(statistic, island_near_tol)
     texture = statistic == "texture"
     spec = _spec(model)
     if spec.domain != "dct":
@@ -676,9 +691,6 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     if statistic == "island" and size > ISLAND_MAX_SIDE:
         raise TfbdError(f"the island statistic is for images up to {ISLAND_MAX_SIDE} px (this detector takes {size})")
     if statistic in ("bands", "grid", "island"):
-        tol = ISLAND_NEAR_TOL if island_near_tol is None else float(island_near_tol)
-        if not 0.0 <= tol <= 255.0:
-            raise TfbdError(f"the island tolerance must be 0..255 levels (got {island_near_tol})")
         layer = BandAnomaly(grid=statistic in ("grid", "island"), island=statistic == "island",
                             island_near_tol=tol, name="spectral_anomaly")
         layer.build((None, size, size, 3))
