@@ -120,11 +120,13 @@ class SpectralAnomaly(keras.layers.Layer):
         luma = pix[..., 0] * 0.299 + pix[..., 1] * 0.587 + pix[..., 2] * 0.114 - 128.0
         return pix, ops.einsum("ph,nhw,qw->npq", self._b_h, luma, self._b_w)
 
-    def route(self, coeffs):
-        """``(batch,)`` 1.0 where the image looks JPEG-compressed, else 0.0."""
+    def route(self, coeffs, blocks=None):
+        """``(batch,)`` 1.0 where the image looks JPEG-compressed, else 0.0. ``blocks``: the
+        image's :meth:`_pixels_and_blocks` blocks if the caller has them already."""
         if not self._routable:
             return ops.zeros((ops.shape(coeffs)[0],), coeffs.dtype)
-        _, blocks = self._pixels_and_blocks(coeffs)
+        if blocks is None:
+            _, blocks = self._pixels_and_blocks(coeffs)
         near = ops.cast(ops.abs(blocks) < self.near_zero, coeffs.dtype) * self._hf
         share = ops.sum(near, axis=(1, 2)) / ops.sum(self._hf)
         return ops.cast(share > self.route_cut, coeffs.dtype)
@@ -329,9 +331,10 @@ class BandAnomaly(SpectralAnomaly):
                 [np.stack(np.meshgrid(np.arange(h - r + 1), np.arange(w - c + 1), [r * c], indexing="ij"),
                           -1).reshape(-1, 3) for r, c, *_ in self._island] or [np.zeros((0, 3))]).astype(np.int32))
 
-    def grid_statistic(self, coeffs):
+    def grid_statistic(self, coeffs, pixels_and_blocks=None):
         """``(batch,)`` evidence of a local edit made after JPEG decoding (0 unless H and W are
-        multiples of 8 with at least 2 blocks).
+        multiples of 8 with at least 2 blocks). ``pixels_and_blocks``: :meth:`_pixels_and_blocks`
+        of ``coeffs`` if the caller has it already (:meth:`call` inverts the DCT once).
 
         Why (issue 11, round 7): a JPEG-decoded image's 8x8 block DCT coefficients (luma, on the
         JPEG grid) sit on the lattice of the encoder's quantisation steps, up to the decoder's
@@ -352,7 +355,7 @@ class BandAnomaly(SpectralAnomaly):
         n, h, w = ops.shape(coeffs)[0], int(coeffs.shape[1]), int(coeffs.shape[2])
         if not self._routable or (h // 8) * (w // 8) < 2:
             return ops.zeros((n,), coeffs.dtype)
-        pix, blocks = self._pixels_and_blocks(coeffs)
+        pix, blocks = pixels_and_blocks if pixels_and_blocks is not None else self._pixels_and_blocks(coeffs)
         c = ops.reshape(blocks, (-1, h // 8, 8, w // 8, 8))
         big = ops.cast(ops.abs(c) > GRID_BIG, c.dtype) * self._ac
         n_big = ops.maximum(ops.sum(big, axis=(1, 2, 3, 4)), 1.0)
@@ -374,9 +377,10 @@ class BandAnomaly(SpectralAnomaly):
         quiet = ops.mean(ops.sort(rms, axis=1)[:, :nb // 2], axis=1)
         return top / ops.maximum(quiet, GRID_FLOOR)
 
-    def island_statistic(self, coeffs):
+    def island_statistic(self, coeffs, pixels=None):
         """``(batch,)`` evidence of a pasted flat patch: the step around the most distinct *flat
-        island* (0 without one; images larger than ``ISLAND_MAX_SIDE`` get 0).
+        island* (0 without one; images larger than ``ISLAND_MAX_SIDE`` get 0). ``pixels``: the
+        inverse DCT of ``coeffs`` (:meth:`_pixels`) if the caller has it already.
 
         Why (issue 11, round 8): on lossless images a BadNets-style patch in a bright corner
         barely changes the spectrum, and the CNN misses most of those. But a natural photo, noisy
@@ -409,7 +413,7 @@ class BandAnomaly(SpectralAnomaly):
         # tf ops, not keras.ops, here: flat rectangles are rare (most clean images have none), so
         # the rings are gathered for those only (tf.where); measuring every position with
         # keras.ops costs ~50 ms per image.
-        p = tf.clip_by_value(tf.round(self._pixels(coeffs)), 0.0, 255.0)
+        p = tf.clip_by_value(tf.round(self._pixels(coeffs) if pixels is None else pixels), 0.0, 255.0)
         h, w = int(coeffs.shape[1]), int(coeffs.shape[2])
         total = int(self._island_pos.shape[0])
         # equal[(dy, dx)]: pixel (y + dy, x + dx) equals pixel (y, x) in every channel. A rectangle is
@@ -463,22 +467,31 @@ class BandAnomaly(SpectralAnomaly):
         near = tf.reduce_sum(tf.cast(alike, tf.int32), axis=(2, 3)) - pos[..., 2]
         return tf.reduce_max(tf.where(tf.logical_and(best > 0.0, near <= ISLAND_NEAR_MAX), best, 0.0), axis=1)
 
-    def band_statistics(self, coeffs, branch):
+    def band_statistics(self, coeffs, branch, pixels_and_blocks=None):
         """``(batch, 2 * bands [+ 1] [+ 1])``: the largest luma, then chroma, ``|X_ycbcr| / scale`` of
         each band (then, with ``grid``, :meth:`grid_statistic`; with ``island``,
-        :meth:`island_statistic`)."""
+        :meth:`island_statistic`). ``pixels_and_blocks``: :meth:`_pixels_and_blocks` of ``coeffs``
+        (routable sizes), shared by both statistics; computed here if they need it and it is None."""
         z = ops.abs(ops.einsum("nuvc,dc->nuvd", coeffs, self._ycbcr)) / self._branch_scale(branch)
         zb = z[:, None] * self._masks[None, :, :, :, None]            # (n, bands, H, W, 3)
         luma = ops.max(zb[..., 0], axis=(2, 3))
         chroma = ops.max(zb[..., 1:], axis=(2, 3, 4))
-        parts = [luma, chroma] + ([ops.reshape(self.grid_statistic(coeffs), (-1, 1))] if self.grid else []) \
-            + ([ops.reshape(self.island_statistic(coeffs), (-1, 1))] if self.island else [])
+        if pixels_and_blocks is None and self._routable and (self.grid or self.island):
+            pixels_and_blocks = self._pixels_and_blocks(coeffs)
+        pixels = pixels_and_blocks[0] if pixels_and_blocks is not None else None
+        parts = [luma, chroma]
+        if self.grid:
+            parts.append(ops.reshape(self.grid_statistic(coeffs, pixels_and_blocks), (-1, 1)))
+        if self.island:
+            parts.append(ops.reshape(self.island_statistic(coeffs, pixels), (-1, 1)))
         return ops.concatenate(parts, axis=1)
 
     def call(self, coeffs):
-        branch = self.route(coeffs)
+        # one inverse DCT (and one block DCT) per call, shared by the router and both statistics
+        both = self._pixels_and_blocks(coeffs) if self._routable else None
+        branch = self.route(coeffs, None if both is None else both[1])
         thr = self._pick(self.thresholds, ops.reshape(branch, (-1, 1)))
-        return ops.max(self.band_statistics(coeffs, branch) / thr, axis=1)
+        return ops.max(self.band_statistics(coeffs, branch, both) / thr, axis=1)
 
     def get_config(self):
         config = super().get_config()
