@@ -209,3 +209,39 @@ def test_flat_folder_is_unlabelled_and_a_plain_path_gets_a_hint(tmp_path, rng):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TfbdError, match="no class sub-folders and no image files"):
         data.load(f"dir:{tmp_path / 'empty'}")
+
+
+def test_prepare_camera_like_leaves_out_camera_photos_and_writes_camera_sized_q92_frames(tmp_path):
+    """benchmarks/prepare_camera_like.py: a source photo that is a camera photo (same stem), a small
+    one, a greyscale one and a corrupt file are left out or reported; every other photo gives
+    ``--crops`` 224x224 JPEG frames, the first its centre square; the folder appears whole."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import prepare_camera_like
+
+    rng = np.random.default_rng(0)
+    cam, src, out = tmp_path / "camera", tmp_path / "src", tmp_path / "out"
+    cam.mkdir(), src.mkdir()
+    photo = lambda h, w: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    photo(224, 224).save(cam / "n001_cat.jpg")
+    photo(300, 400).save(src / "n001_cat.JPEG")          # the camera photo's source: left out
+    photo(300, 400).save(src / "n002_dog.JPEG")
+    photo(260, 260).save(src / "n003_owl.png")
+    photo(200, 300).save(src / "n004_small.JPEG")        # short side < 256
+    Image.fromarray(np.full((300, 300, 3), 90, np.uint8)).save(src / "n005_grey.png")
+    (src / "n006_broken.jpg").write_bytes(b"not a jpeg")
+    assert prepare_camera_like.main(["--src", str(src), "--out", str(out), "--camera", str(cam), "--crops", "3"]) == 0
+    frames = sorted(p.name for p in out.glob("*.jpg"))
+    assert frames == [f"{s}_{k}.jpg" for s in ("n002_dog", "n003_owl") for k in range(3)]
+    with Image.open(out / "n002_dog_1.jpg") as im:
+        assert im.size == (224, 224) and im.format == "JPEG"
+    rows = (out / "sources.tsv").read_text().splitlines()
+    assert rows[1].split("\t")[:3] == ["n002_dog_0.jpg", "n002_dog.JPEG", "50,0,350,300"]   # the centre square
+    report = json.loads((out / "excluded.json").read_text())
+    assert {e["file"] for e in report["excluded"]} == {"n001_cat.JPEG", "n004_small.JPEG", "n005_grey.png"}
+    assert [e["file"] for e in report["unreadable"]] == ["n006_broken.jpg"]
+    assert not (tmp_path / "out.tmp").exists()
+    assert prepare_camera_like.main(["--src", str(tmp_path / "nope"), "--out", str(out), "--camera", str(cam)]) == 2
