@@ -284,6 +284,9 @@ def test_the_island_statistic_is_refused_for_large_inputs():
     with pytest.raises(TfbdError, match="up to 64 px"):
         spectral.fit(detector.build("cnn6", 128, "dct"), [np.zeros((4, 128, 128, 3), np.uint8)],
                      [np.zeros((4, 128, 128, 3), np.uint8)], statistic="island")
+    with pytest.raises(TfbdError, match="up to 64 px"):     # before any image is loaded
+        detector.fit_spectral(detector.build("cnn6", 128, "dct"), "dir:/nonexistent", 10, statistic="island",
+                              verbose=False)
 
 
 def test_band_edges_cover_every_frequency_but_the_dc_once():

@@ -653,11 +653,14 @@ def _fit_bands(layer, fit_sets, cal_sets, target_fpr):
     return count, routed, thr
 
 
-def check_statistic(statistic, island_near_tol=None) -> float:
-    """Refuse an unknown ``statistic``, or an ``island_near_tol`` given for any statistic but
-    ``"island"`` or outside 0..255; return the island tolerance to use (``ISLAND_NEAR_TOL`` if None)."""
+def check_statistic(statistic, island_near_tol=None, size=None) -> float:
+    """Refuse an unknown ``statistic``, the island statistic for a detector of ``size`` px above
+    ``ISLAND_MAX_SIDE``, or an ``island_near_tol`` given for any statistic but ``"island"`` or
+    outside 0..255; return the island tolerance to use (``ISLAND_NEAR_TOL`` if None)."""
     if statistic not in STATISTICS:
         raise TfbdError(f"unknown spectral statistic '{statistic}' ({', '.join(STATISTICS)})")
+    if statistic == "island" and size is not None and size > ISLAND_MAX_SIDE:
+        raise TfbdError(f"the island statistic is for images up to {ISLAND_MAX_SIDE} px (this detector takes {size})")
     if island_near_tol is None:
         return ISLAND_NEAR_TOL
     if statistic != "island":
@@ -691,9 +694,9 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     """
     if statistic is None:
         statistic = "bands" if texture is None else ("texture" if texture else "max")
-    tol = check_statistic(statistic, island_near_tol)
-    texture = statistic == "texture"
     spec = _spec(model)
+    tol = check_statistic(statistic, island_near_tol, spec.image_size)
+    texture = statistic == "texture"
     if spec.domain != "dct":
         raise TfbdError(f"the spectral anomaly model needs a DCT-domain detector (this one is '{spec.domain}')")
     x_fit = [x_fit] if isinstance(x_fit, np.ndarray) else list(x_fit)
@@ -701,8 +704,6 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     if not sum(len(x) for x in x_fit) or not sum(len(x) for x in x_cal):
         raise TfbdError("fitting the spectral model needs fit and calibration images (got none)")
     size = spec.image_size
-    if statistic == "island" and size > ISLAND_MAX_SIDE:
-        raise TfbdError(f"the island statistic is for images up to {ISLAND_MAX_SIDE} px (this detector takes {size})")
     if statistic in ("bands", "grid", "island"):
         layer = BandAnomaly(grid=statistic in ("grid", "island"), island=statistic == "island",
                             island_near_tol=tol, name="spectral_anomaly")
