@@ -123,3 +123,20 @@ def test_training_pipeline_is_deterministic_per_seed():
     e1, e2, other = first_epoch(3), first_epoch(3), first_epoch(4)
     assert all((a == b).all() for a, b in zip(e1, e2)) and [len(a) for a in e1] == [256, 256, 88]
     assert any((a != b).any() for a, b in zip(e1, other))
+
+
+def test_every_benign_variant_runs_on_two_image_sizes_in_one_process():
+    """The fixed variants are cached graphs; the second size retraces them without a static shape
+    (``resize`` read the static height and width, and failed on 224-px images after 32-px ones)."""
+    rng = np.random.default_rng(0)
+    for size in (32, 48, 32):
+        x = rng.integers(0, 256, (2, size, size, 3)).astype(np.uint8)
+        for name, fn in perturb.BENIGN_VARIANTS.items():
+            out = np.asarray(fn(x))
+            assert out.shape == x.shape and out.dtype == np.uint8, name
+    small = rng.integers(0, 256, (2, 40, 40, 3)).astype(np.uint8)
+    again = np.asarray(perturb.BENIGN_VARIANTS["resize"](small))
+    direct = np.asarray(perturb._u8(tf.map_fn(lambda im: perturb._resize_down_up(tf.cast(im, tf.float32),
+                                                                                tf.constant(0.75)), small,
+                                              fn_output_signature=tf.float32)))
+    np.testing.assert_array_equal(again, direct)

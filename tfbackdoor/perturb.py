@@ -435,10 +435,12 @@ def _gaussian_blur(x, sigma):
 
 
 def _resize_down_up(x, factor):
-    h, w = x.shape[0], x.shape[1]
-    small = tf.cast(tf.maximum(tf.round(tf.cast([h, w], tf.float32) * factor), 4.0), tf.int32)
+    # the dynamic shape: a graph retraced for a second image size (``_fixed``'s reduce_retracing)
+    # has no static height and width
+    hw = tf.shape(x)[:2]
+    small = tf.cast(tf.maximum(tf.round(tf.cast(hw, tf.float32) * factor), 4.0), tf.int32)
     y = tf.image.resize(x, small, method="bilinear", antialias=True)
-    return tf.image.resize(y, (h, w), method="bilinear")
+    return tf.image.resize(y, hw, method="bilinear")
 
 
 def _on_subset(x, mask, fn, *params):
