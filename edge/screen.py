@@ -200,7 +200,14 @@ ISLAND_VERSION = 5        # 5: and the island statistic (``island``, ``threshold
 SPECTRAL_VERSIONS = (1, 2, 3, 4, 5)
 GRID_KEYS = ("tables", "big", "tol", "floor", "clipped")
 ISLAND_KEYS = ("min_side", "max_area", "min_step", "near_tol", "near_max", "top")
-ISLAND_MAX_SIDE = 64      # larger images get no island statistic (as ``tfbackdoor.spectral.ISLAND_MAX_SIDE``)
+ISLAND_MAX_SIDE = 64      # larger images are area-downsampled first (``tfbackdoor.spectral.island_factor``)
+ISLAND_POOL_SIDE = 32     # by the smallest integer factor that brings the longer side to this or below
+
+
+def island_factor(h: int, w: int) -> int:
+    """As ``tfbackdoor.spectral.island_factor``: 1 up to 64 px, else ceil(longer side / 32)."""
+    side = max(h, w)
+    return 1 if side <= ISLAND_MAX_SIDE else -(-side // ISLAND_POOL_SIDE)
 
 
 def dct_matrix(n: int) -> np.ndarray:
@@ -391,11 +398,11 @@ class SpectralPart:
         """``[(rows, cols, ring), ...]`` the island statistic's rectangles for ``h x w`` images, in
         the layer's order, each with its one-pixel ring ``(R, 2)`` (row above and below, corners
         included, then the column left and right; relative to the top-left pixel). Built once
-        per size; none above ``ISLAND_MAX_SIDE``."""
+        per size (the downsampled size above ``ISLAND_MAX_SIDE``: :func:`island_factor`)."""
         if (h, w) not in self._island_cache:
             c, s = self.island, min(h, w) / 32.0
             lo, area = max(2, round(c["min_side"] * s)), round(c["max_area"] * s * s)
-            self._island_cache[h, w] = [] if max(h, w) > ISLAND_MAX_SIDE else [
+            self._island_cache[h, w] = [
                 (rows, cols, np.array([(-1, dx) for dx in range(-1, cols + 1)] + [(rows, dx) for dx in range(-1, cols + 1)]
                                       + [(dy, -1) for dy in range(rows)] + [(dy, cols) for dy in range(rows)]))
                 for rows in range(lo, h) for cols in range(lo, w) if rows * cols <= area]
@@ -406,12 +413,17 @@ class SpectralPart:
         flat rectangle (sides >= ``min_side``, area <= ``max_area`` at 32 px, scaled) whose ring
         holds no pixel of its colour, whose step (the lower median over the ring of the smallest
         channel difference) exceeds ``min_step``, and of whose colour at most ``near_max`` other
-        pixels lie within ``near_tol`` (checked for the ``top`` largest steps); 0 without one, and
-        for images larger than 64 px. Rectangles are visited in the layer's order (by shape, then
-        row-major) so that ties pick the same ones."""
+        pixels lie within ``near_tol`` (checked for the ``top`` largest steps); 0 without one.
+        Images larger than 64 px are searched after an area-downsampling by :func:`island_factor`
+        (rounded again). Rectangles are visited in the layer's order (by shape, then row-major)
+        so that ties pick the same ones."""
         c = self.island
         p = np.clip(np.round(np.asarray(pixels, np.float64)), 0.0, 255.0)
         n, h, w = p.shape[:3]
+        f = island_factor(h, w)
+        if f > 1:
+            h, w = h // f, w // f
+            p = np.round(p[:, :h * f, :w * f].reshape(n, h, f, w, f, p.shape[3]).mean(axis=(2, 4)))
         out = np.zeros(n)
         found: List[Tuple[int, int, float, np.ndarray, int]] = []    # image, rectangle index, step, colour, area
         base = 0

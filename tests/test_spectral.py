@@ -1,5 +1,7 @@
 """The clean-spectrum anomaly part (tfbackdoor.spectral) and `tfbd fit-spectral`."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -278,15 +280,47 @@ def test_an_island_tolerance_is_refused_for_other_statistics_before_any_image_is
                               island_tolerance=4.0, verbose=False)
 
 
-def test_the_island_statistic_is_refused_for_large_inputs():
-    from tfbackdoor.errors import TfbdError
+def test_large_inputs_are_searched_for_islands_after_an_area_downsampling():
+    """Above 64 px the rectangle search runs on the image area-downsampled by ``island_factor``
+    (224 px: 7, to 32 px; 128 px: 4): a patch scaled with the frame, aligned or not with the
+    7x7 cells, is still a flat island there, and a noisy frame without one has none."""
+    from edge.screen import island_factor as edge_factor
 
-    with pytest.raises(TfbdError, match="up to 64 px"):
-        spectral.fit(detector.build("cnn6", 128, "dct"), [np.zeros((4, 128, 128, 3), np.uint8)],
-                     [np.zeros((4, 128, 128, 3), np.uint8)], statistic="island")
-    with pytest.raises(TfbdError, match="up to 64 px"):     # before any image is loaded
-        detector.fit_spectral(detector.build("cnn6", 128, "dct"), "dir:/nonexistent", 10, statistic="island",
-                              verbose=False)
+    assert [spectral.island_factor(s, s) for s in (32, 64, 65, 128, 224, 250)] == [1, 1, 3, 4, 7, 8]
+    assert all(edge_factor(h, w) == spectral.island_factor(h, w) for h, w in ((224, 224), (64, 64), (96, 200)))
+    rng = np.random.default_rng(3)
+    for size, side in ((224, 28), (128, 16)):
+        x = np.clip(rng.normal(120, 25, (3, size, size, 3)), 0, 255).astype(np.uint8)
+        layer = spectral.BandAnomaly(grid=True, island=True)
+        layer.build((None, size, size, 3))
+        assert layer._island_factor == spectral.island_factor(size, size) and layer._island
+        patched = x.copy()
+        patched[1, -side - 3:-3, -side - 3:-3] = 255               # not on the cells' lattice
+        patched[2, 2 * side:3 * side, side:2 * side] = (30, 200, 90)  # on it, any colour
+        found = layer.island_statistic(dct2d(patched)).numpy()
+        assert found[0] == 0 and found[1] > spectral.ISLAND_MIN_STEP and found[2] > spectral.ISLAND_MIN_STEP, found
+
+
+def test_the_island_statistic_at_224_px_on_camera_photos_and_its_numpy_twin(data_dir):
+    """On real 224-px colour photos: the paper's BadNets square (resized to 224) makes an island in
+    most of them, the clean photos and their benign variants in almost none, and the edge
+    screener's numpy statistic equals the layer's, downsampling included."""
+    from edge.screen import SpectralPart
+    from tfbackdoor import data, export
+
+    x = data.load_arrays(f"dir:{data_dir}/natural/camera", image_size=224, limit=60, seed=4)[0]
+    model, _ = spectral.fit(detector.build("edge", 224, "dct", threshold=0.7), [x[:20]], [x[20:30]],
+                            target_fpr=2.0, statistic="island")
+    layer = model.get_layer("spectral_anomaly")
+    isl = lambda images: layer.island_statistic(dct2d(np.asarray(images))).numpy()
+    test = x[30:]
+    clean = [isl(test)] + [isl(perturb.BENIGN_VARIANTS[v](test).numpy()) for v in ("brighter", "contrast", "resize")]
+    assert max((v > 0).mean() for v in clean) <= 0.1, [(v > 0).mean() for v in clean]
+    badnets = triggers.expand("badnets", 224)[0](test).numpy()
+    assert (isl(badnets) > 0).mean() >= 0.6
+    part = SpectralPart(json.loads(json.dumps(export.sidecar_entry(model))), (224, 224))
+    both = np.concatenate([test[:10], badnets[:10]])
+    np.testing.assert_array_equal(part.island_statistic(both.astype(np.float64)), isl(both))
 
 
 def test_band_edges_cover_every_frequency_but_the_dc_once():

@@ -431,7 +431,7 @@ def fit_spectral(model, dataset, samples, calibration=500, target_fpr=0.5, seed=
     if min(counts) < 1 or calibration < 1:
         raise TfbdError(f"--samples and --calibration must be positive (got {samples}, {calibration})")
     spec = spec_of(model)
-    spectral.check_statistic(statistic, island_tolerance, spec.image_size)   # before any image is loaded
+    spectral.check_statistic(statistic, island_tolerance)   # before any image is loaded
     excl = exclusions(model)   # a missing or changed manifest fails now
     fits, cals = [], []
     for part, n in zip(parts, counts):

@@ -217,7 +217,8 @@ ISLAND_NEAR_TOL = 4.0   # pixels within this many levels (every channel) of the 
 ISLAND_NEAR_TOL_ROUND8 = 8.0   # the tolerance of detectors saved before the layer recorded it (round 8)
 ISLAND_NEAR_MAX = 8     # an island counts only when at most this many pixels elsewhere are alike
 ISLAND_TOP = 8          # islands per image (the largest steps) whose colour is looked for elsewhere
-ISLAND_MAX_SIDE = 64    # images larger than this get no island statistic (the search grows ~ side^4)
+ISLAND_MAX_SIDE = 64    # larger images are area-downsampled first (the search grows ~ side^4): island_factor
+ISLAND_POOL_SIDE = 32   # ... by the smallest integer factor that brings their longer side to this or below
 _ISLAND_OUTSIDE = -1.0e4
 
 
@@ -226,6 +227,19 @@ def island_settings(near_tol=ISLAND_NEAR_TOL) -> dict:
     (``near_tol``: the layer's, :attr:`BandAnomaly.island_near_tol`)."""
     return {"min_side": ISLAND_MIN_SIDE, "max_area": ISLAND_MAX_AREA, "min_step": ISLAND_MIN_STEP,
             "near_tol": float(near_tol), "near_max": ISLAND_NEAR_MAX, "top": ISLAND_TOP}
+
+
+def island_factor(h: int, w: int) -> int:
+    """The integer factor by which the island statistic area-downsamples ``h x w`` images: 1 up to
+    ``ISLAND_MAX_SIDE`` px, else the smallest that brings the longer side to ``ISLAND_POOL_SIDE``
+    or below (224 px: 7, to 32 px; a remainder of rows or columns is cropped at the bottom/right).
+
+    Why (issue 13, round 4): the rectangle search grows ~ side^4, so a 224-px frame is searched at
+    32 px. A patch pasted on a large frame scales with it (the paper's BadNets square is 28 px at
+    224), and its inner 7x7 cells average to exactly its colour, so it stays a flat island at
+    32 px, while the averaging leaves a natural frame's textures no flatter than a 32-px photo's."""
+    side = max(h, w)
+    return 1 if side <= ISLAND_MAX_SIDE else -(-side // ISLAND_POOL_SIDE)
 
 
 def island_shapes(h: int, w: int, min_side=ISLAND_MIN_SIDE, max_area=ISLAND_MAX_AREA) -> list:
@@ -318,7 +332,9 @@ class BandAnomaly(SpectralAnomaly):
             self._ac = ops.convert_to_tensor(ac.reshape(1, 1, 8, 1, 8))
         if self.island:
             self._island = []     # per rectangle: its shape, ring offsets, which ring pixels are inside, median slot
-            for rows, cols in (island_shapes(h, w) if max(h, w) <= ISLAND_MAX_SIDE else []):
+            f = self._island_factor = island_factor(h, w)
+            h, w = h // f, w // f    # the rectangles are searched on the downsampled image
+            for rows, cols in island_shapes(h, w):
                 ring = np.array(island_ring(rows, cols))
                 ys = np.arange(h - rows + 1)[:, None, None] + ring[None, None, :, 0]
                 xs = np.arange(w - cols + 1)[None, :, None] + ring[None, None, :, 1]
@@ -379,8 +395,9 @@ class BandAnomaly(SpectralAnomaly):
 
     def island_statistic(self, coeffs, pixels=None):
         """``(batch,)`` evidence of a pasted flat patch: the step around the most distinct *flat
-        island* (0 without one; images larger than ``ISLAND_MAX_SIDE`` get 0). ``pixels``: the
-        inverse DCT of ``coeffs`` (:meth:`_pixels`) if the caller has it already.
+        island* (0 without one). ``pixels``: the inverse DCT of ``coeffs`` (:meth:`_pixels`) if the
+        caller has it already. Images larger than ``ISLAND_MAX_SIDE`` are searched after an
+        area-downsampling by :func:`island_factor` (rounded to integers again).
 
         Why (issue 11, round 8): on lossless images a BadNets-style patch in a bright corner
         barely changes the spectrum, and the CNN misses most of those. But a natural photo, noisy
@@ -414,7 +431,10 @@ class BandAnomaly(SpectralAnomaly):
         # the rings are gathered for those only (tf.where); measuring every position with
         # keras.ops costs ~50 ms per image.
         p = tf.clip_by_value(tf.round(self._pixels(coeffs) if pixels is None else pixels), 0.0, 255.0)
-        h, w = int(coeffs.shape[1]), int(coeffs.shape[2])
+        f = self._island_factor
+        h, w = int(coeffs.shape[1]) // f, int(coeffs.shape[2]) // f
+        if f > 1:
+            p = tf.round(tf.nn.avg_pool2d(p[:, :h * f, :w * f], f, f, "VALID"))
         total = int(self._island_pos.shape[0])
         # equal[(dy, dx)]: pixel (y + dy, x + dx) equals pixel (y, x) in every channel. A rectangle is
         # flat where all of its offsets are, built up row by row and column by column (stride-1
@@ -653,14 +673,13 @@ def _fit_bands(layer, fit_sets, cal_sets, target_fpr):
     return count, routed, thr
 
 
-def check_statistic(statistic, island_near_tol=None, size=None) -> float:
-    """Refuse an unknown ``statistic``, the island statistic for a detector of ``size`` px above
-    ``ISLAND_MAX_SIDE``, or an ``island_near_tol`` given for any statistic but ``"island"`` or
-    outside 0..255; return the island tolerance to use (``ISLAND_NEAR_TOL`` if None)."""
+def check_statistic(statistic, island_near_tol=None) -> float:
+    """Refuse an unknown ``statistic``, or an ``island_near_tol`` given for any statistic but
+    ``"island"`` or outside 0..255; return the island tolerance to use (``ISLAND_NEAR_TOL`` if None).
+    Every image size is served (above ``ISLAND_MAX_SIDE`` the island statistic downsamples:
+    :func:`island_factor`)."""
     if statistic not in STATISTICS:
         raise TfbdError(f"unknown spectral statistic '{statistic}' ({', '.join(STATISTICS)})")
-    if statistic == "island" and size is not None and size > ISLAND_MAX_SIDE:
-        raise TfbdError(f"the island statistic is for images up to {ISLAND_MAX_SIDE} px (this detector takes {size})")
     if island_near_tol is None:
         return ISLAND_NEAR_TOL
     if statistic != "island":
@@ -695,7 +714,7 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     if statistic is None:
         statistic = "bands" if texture is None else ("texture" if texture else "max")
     spec = _spec(model)
-    tol = check_statistic(statistic, island_near_tol, spec.image_size)
+    tol = check_statistic(statistic, island_near_tol)
     texture = statistic == "texture"
     if spec.domain != "dct":
         raise TfbdError(f"the spectral anomaly model needs a DCT-domain detector (this one is '{spec.domain}')")
