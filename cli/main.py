@@ -351,16 +351,17 @@ def finetune(detector_path, dataset, samples, epochs, repeat, lr, batch_size, tr
               help="More held-out images of each part that set the spectral thresholds (with their benign variants).")
 @click.option("--target-fpr", type=float, default=0.5, show_default=True,
               help="The spectral part flags at most about this % of each calibration set and benign variant.")
-@click.option("--statistic", type=click.Choice(["bands", "grid", "island", "texture", "max"]), default="bands",
+@click.option("--statistic", type=click.Choice(["bands", "grid", "island", "island-only", "texture", "max"]), default="bands",
               show_default=True,
               help="bands: the largest luma and chroma coefficient of each of 5 frequency bands, each with its own "
                    "threshold; grid: the bands and the JPEG-grid statistic (a local edit made after JPEG decoding "
                    "moves its 8x8 blocks off the quantisation lattice); island: those and the island statistic "
                    "(a small rectangle of exactly one colour that stands out and whose colour appears nowhere "
-                   "else: a pasted patch; up to 64-px inputs); texture: the largest coefficient, and it "
+                   "else: a pasted patch; above 64 px searched on the frame area-downsampled to <= 32 px); island-only: "
+                   "the island statistic alone (for large camera frames); texture: the largest coefficient, and it "
                    "over the image's median one; max: the largest coefficient alone (round 5).")
 @click.option("--island-tolerance", type=float, default=None,
-              help="island: pixels within this many levels (every channel) of an island's colour count as its "
+              help="island, island-only: pixels within this many levels (every channel) of an island's colour count as its "
                    "colour found elsewhere (default 4; round 8 used 8).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(), required=True)
@@ -393,7 +394,8 @@ def fit_spectral(detector_path, dataset, samples, calibration, target_fpr, stati
                                 island_tolerance=island_tolerance)
     detector.save(new, out)
     rep = detector.spec_of(new).info["spectral"]
-    thr = lambda row: "/".join(f"{v:.2f}" for v in (row if isinstance(row, list) else [row]))
+    unused = 1.0e29    # spectral.UNUSED, without importing it here: a statistic left out of the fit
+    thr = lambda row: "/".join("-" if v >= unused else f"{v:.2f}" for v in (row if isinstance(row, list) else [row]))
     click.echo(f"wrote {out} (CNN threshold {detector.spec_of(new).threshold:.4f} kept; spectral '{statistic}' "
                f"thresholds lossless {thr(rep['thresholds'][0])}, JPEG {thr(rep['thresholds'][1])}"
                + (f", over texture {rep['texture_thresholds'][0]:.2f} / {rep['texture_thresholds'][1]:.2f}"

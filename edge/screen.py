@@ -200,6 +200,7 @@ ISLAND_VERSION = 5        # 5: and the island statistic (``island``, ``threshold
 SPECTRAL_VERSIONS = (1, 2, 3, 4, 5)
 GRID_KEYS = ("tables", "big", "tol", "floor", "clipped")
 ISLAND_KEYS = ("min_side", "max_area", "min_step", "near_tol", "near_max", "top")
+UNUSED = 1.0e30           # the threshold of a statistic left out of the fit (``tfbackdoor.spectral.UNUSED``): skipped
 ISLAND_MAX_SIDE = 64      # larger images are area-downsampled first (``tfbackdoor.spectral.island_factor``)
 ISLAND_POOL_SIDE = 32     # by the smallest integer factor that brings the longer side to this or below
 
@@ -530,20 +531,26 @@ class SpectralPart:
             x = x[None]
         if x.shape[1:] != self.scale.shape[1:]:
             raise ValueError(f"pixels {list(x.shape[1:])}, expected {list(self.scale.shape[1:])}")
-        coeffs = np.einsum("uh,nhwc,vw->nuvc", self._d_h, x, self._d_w, optimize=True)
+        dct = lambda: np.einsum("uh,nhwc,vw->nuvc", self._d_h, x, self._d_w, optimize=True)
         blocks = self._luma_blocks(x)       # the router's and the grid statistic's
         branch = self.route(x, blocks)
         if self._band_masks is not None:   # BandAnomaly: per band, the largest luma and chroma |X_ycbcr| / scale
-            z = np.abs(np.einsum("nuvc,dc->nuvd", coeffs, self.ycbcr, optimize=True)) / self.scale[branch]
-            in_band = [z[:, mask] for mask in self._band_masks]                # (N, coefficients, 3) each
-            stats = [zb[..., 0].max(axis=1) for zb in in_band] + \
-                    [zb[..., 1:].reshape(len(x), -1).max(axis=1) for zb in in_band]
+            nb = len(self._band_masks)
+            # a statistic whose thresholds are UNUSED ("island-only") can never pass: it is not computed
+            used = lambda cols: bool(np.any(self.thresholds[:, cols] < UNUSED))
+            if used(slice(0, 2 * nb)):
+                z = np.abs(np.einsum("nuvc,dc->nuvd", dct(), self.ycbcr, optimize=True)) / self.scale[branch]
+                in_band = [z[:, mask] for mask in self._band_masks]                # (N, coefficients, 3) each
+                stats = [zb[..., 0].max(axis=1) for zb in in_band] + \
+                        [zb[..., 1:].reshape(len(x), -1).max(axis=1) for zb in in_band]
+            else:
+                stats = [np.zeros(len(x))] * (2 * nb)
             if self.grid is not None:
-                stats.append(self.grid_statistic(x, blocks))
+                stats.append(self.grid_statistic(x, blocks) if used(2 * nb) else np.zeros(len(x)))
             if self.island is not None:
                 stats.append(self.island_statistic(x))
             return (np.stack(stats, axis=1) / self.thresholds[branch]).max(axis=1)
-        z = np.abs(coeffs) / self.scale[branch]
+        z = np.abs(dct()) / self.scale[branch]
         z[:, 0, 0, :] = 0.0   # the DC term (mean brightness) is never evidence
         z = z.reshape(len(x), -1)
         m = z.max(axis=1)

@@ -381,3 +381,25 @@ def test_cli_fit_spectral_records_its_images_and_evaluate_leaves_them_out(tmp_pa
     layer = detector.load(out).get_layer("spectral_anomaly")
     assert layer.island and layer.island_near_tol == 1.5
     assert detector.spec_of(detector.load(out)).info["spectral"]["island"]["near_tol"] == 1.5
+
+
+def test_island_only_calibrates_the_island_statistic_alone(data_dir):
+    """``statistic="island-only"``: the same layer, every other statistic at ``UNUSED`` (never
+    passes), so the part flags exactly the images with an island above its threshold."""
+    from tfbackdoor import data
+
+    x = data.load_arrays("natural32", limit=400, seed=23)[0]
+    assert spectral.check_statistic("island-only", 6.0) == 6.0
+    model, report = spectral.fit(detector.build("cnn6", 32, "dct", threshold=0.7), [x[:200]], [x[200:300]],
+                                 target_fpr=1.0, statistic="island-only")
+    thr = np.array(report["thresholds"])
+    assert report["statistic"] == "island-only" and thr.shape == (2, 12)
+    assert np.all(thr[:, :-1] == np.float32(spectral.UNUSED)) and np.all(thr[:, -1] < 100)
+    layer = model.get_layer("spectral_anomaly")
+    test = np.concatenate([x[300:], triggers.get("badnets3")(x[300:]).numpy()])
+    coeffs = dct2d(test)
+    ratio = layer(coeffs).numpy()
+    branch = layer.route(coeffs).numpy().astype(int)
+    islands = layer.island_statistic(coeffs).numpy()
+    np.testing.assert_array_equal(ratio > 1, islands > layer.thresholds.numpy()[branch, -1])
+    assert (ratio[100:] > 1).mean() >= 0.6 and (ratio[:100] > 1).mean() <= 0.02

@@ -202,7 +202,8 @@ JPEG_LUMA_TABLE = np.array([
     [14, 17, 22, 29, 51, 87, 80, 62], [18, 22, 37, 56, 68, 109, 103, 77], [24, 35, 55, 64, 81, 104, 113, 92],
     [49, 64, 78, 87, 103, 121, 120, 101], [72, 92, 95, 98, 112, 100, 103, 99]], np.float32)
 #: what :func:`fit`'s ``statistic`` takes
-STATISTICS = ("max", "texture", "bands", "grid", "island")
+STATISTICS = ("max", "texture", "bands", "grid", "island", "island-only")
+UNUSED = 1.0e30    # the threshold of a statistic left out of the fit ("island-only"): it never passes
 GRID_QUALITIES = (10, 100)   # the JPEG qualities the grid statistic tries (inclusive)
 GRID_BIG = 2.5     # |block coefficient| (luma levels) above which it can show the lattice
 GRID_TOL = 1.25    # distance to the nearest lattice point below which a coefficient fits it
@@ -650,9 +651,10 @@ def _branch_mean_squares(layer, fit_sets, transform=None):
     return sq / count[:, None, None, None], count, pooled
 
 
-def _fit_bands(layer, fit_sets, cal_sets, target_fpr):
+def _fit_bands(layer, fit_sets, cal_sets, target_fpr, island_only=False):
     """Set a built :class:`BandAnomaly`'s ``scale`` and ``thresholds`` (see :func:`fit`); returns
-    ``(count (2,), routed (2,), thresholds (2, k))``."""
+    ``(count (2,), routed (2,), thresholds (2, k))``. ``island_only``: the island statistic (the
+    last) takes the whole FPR budget and every other statistic gets the threshold ``UNUSED``."""
     mean_sq, count, _ = _branch_mean_squares(layer, fit_sets, YCBCR)
     layer.scale.assign((np.sqrt(mean_sq) + 1e-3).astype(np.float32))
 
@@ -660,15 +662,16 @@ def _fit_bands(layer, fit_sets, cal_sets, target_fpr):
     cal = [_branch_stats(layer, x, band_stats) for x in cal_sets]
     routed = sum(np.bincount(br, minlength=2) for br, _ in cal)
     k = cal[0][1].shape[1]
-    q_each = 1.0 - target_fpr / 100.0 / k      # Bonferroni start: each statistic a k-th of the budget
+    used = [k - 1] if island_only else list(range(k))
+    q_each = 1.0 - target_fpr / 100.0 / len(used)   # Bonferroni start: each statistic its share of the budget
     q = 1.0 - target_fpr / 100.0
-    thr = np.stack([np.maximum(_worst_quantile(cal, lambda st: st[1][:, j], q_each), 1e-3)
-                    for j in range(k)], axis=1).astype(np.float32)
+    thr = np.stack([np.maximum(_worst_quantile(cal, lambda st: st[1][:, j], q_each), 1e-3) if j in used
+                    else np.full(2, UNUSED) for j in range(k)], axis=1).astype(np.float32)
     # then one factor per branch so that "any statistic passes" flags q of the worst set
-    factor = _worst_quantile(cal, lambda st: np.max(st[1] / thr[st[0]], axis=1), q)
+    factor = _worst_quantile(cal, lambda st: np.max(st[1][:, used] / thr[st[0]][:, used], axis=1), q)
     for b in (0, 1):
         if factor[b] > 0:
-            thr[b] *= float(factor[b])
+            thr[b, used] *= float(factor[b])
     layer.thresholds.assign(thr)
     return count, routed, thr
 
@@ -682,7 +685,7 @@ def check_statistic(statistic, island_near_tol=None) -> float:
         raise TfbdError(f"unknown spectral statistic '{statistic}' ({', '.join(STATISTICS)})")
     if island_near_tol is None:
         return ISLAND_NEAR_TOL
-    if statistic != "island":
+    if statistic not in ("island", "island-only"):
         raise TfbdError(f"the island tolerance (--island-tolerance) is only for the island statistic "
                         f"(got statistic '{statistic}')")
     tol = float(island_near_tol)
@@ -708,7 +711,10 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     ``target_fpr`` percent of the worst set) or ``"grid"`` (the bands and the JPEG-grid statistic,
     :meth:`BandAnomaly.grid_statistic`, fitted the same way) or ``"island"`` (and the island
     statistic, :meth:`BandAnomaly.island_statistic`; ``island_near_tol``, its colour tolerance,
-    default ``ISLAND_NEAR_TOL``). Default ``"bands"``; without ``statistic``, ``texture=True`` /
+    default ``ISLAND_NEAR_TOL``) or ``"island-only"`` (the same layer, but the island statistic
+    alone is calibrated and the others get the threshold ``UNUSED``: for 224-px camera frames,
+    where the bands' thresholds from a few hundred photos flag more clean frames than they
+    catch triggers, and the edge screener then skips their cost, issue 13 round 4). Default ``"bands"``; without ``statistic``, ``texture=True`` /
     ``False`` picks ``"texture"`` / ``"max"``. Returns ``(model, report)``.
     """
     if statistic is None:
@@ -723,12 +729,12 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     if not sum(len(x) for x in x_fit) or not sum(len(x) for x in x_cal):
         raise TfbdError("fitting the spectral model needs fit and calibration images (got none)")
     size = spec.image_size
-    if statistic in ("bands", "grid", "island"):
-        layer = BandAnomaly(grid=statistic in ("grid", "island"), island=statistic == "island",
+    if statistic in ("bands", "grid", "island", "island-only"):
+        layer = BandAnomaly(grid=statistic != "bands", island=statistic.startswith("island"),
                             island_near_tol=tol, name="spectral_anomaly")
         layer.build((None, size, size, 3))
         count, routed, thr = _fit_bands(layer, _variant_sets(x_fit, variants), _variant_sets(x_cal, variants),
-                                        target_fpr)
+                                        target_fpr, island_only=statistic == "island-only")
         extra = {"statistic": statistic, "bands": [list(e) for e in band_edges(size, size)],
                  "thresholds": [[round(float(t), 4) for t in row] for row in thr]}
         if layer.grid:
