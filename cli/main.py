@@ -613,8 +613,12 @@ def export_cmd(detector_path, out, quantize, calibration, calibration_size, fold
     click.echo(f"input uint8 [1, {summary['image_size'][0]}, {summary['image_size'][1]}, 3] -> output P(poisoned) float32 [1, 1]; "
                f"threshold {summary['threshold']:.6g}")
     if summary.get("spectral"):
-        click.echo("spectral part: the .tflite is the CNN; the sidecar's 'spectral' entry (thresholds "
-                   f"{summary['spectral']['thresholds']}) is recomputed in numpy by edge/screen.py and combined with it")
+        fmt = lambda v: "-" if v >= 1.0e29 else f"{v:.4g}"   # "-": a statistic left out of the fit (spectral.UNUSED)
+        rows = summary["spectral"]["thresholds"]
+        shown = "; ".join("/".join(fmt(v) for v in row) for row in rows) if isinstance(rows[0], list) \
+            else "/".join(fmt(v) for v in rows)
+        click.echo(f"spectral part: the .tflite is the CNN; the sidecar's 'spectral' entry (thresholds {shown}) is "
+                   "recomputed in numpy by edge/screen.py and combined with it")
     click.echo(f"wrote {summary['out']} ({summary['bytes'] / 1e6:.2f} MB, {quantize}, fold={summary['fold']}) "
                f"and {summary['sidecar']}")
 

@@ -402,4 +402,10 @@ def test_island_only_calibrates_the_island_statistic_alone(data_dir):
     branch = layer.route(coeffs).numpy().astype(int)
     islands = layer.island_statistic(coeffs).numpy()
     np.testing.assert_array_equal(ratio > 1, islands > layer.thresholds.numpy()[branch, -1])
+    # the layer does not compute the unused statistics (zeros), and keeps that through save/load
+    assert layer.island_only and not np.any(layer.band_statistics(coeffs, layer.route(coeffs)).numpy()[:, :-1])
+    assert spectral.BandAnomaly.from_config(layer.get_config()).island_only
+    config = layer.get_config()
+    config.pop("island_only")      # a config saved before the option existed
+    assert not spectral.BandAnomaly.from_config(config).island_only
     assert (ratio[100:] > 1).mean() >= 0.6 and (ratio[:100] > 1).mean() <= 0.02

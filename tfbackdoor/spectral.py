@@ -300,13 +300,16 @@ class BandAnomaly(SpectralAnomaly):
     """
 
     def __init__(self, route_cut=ROUTE_CUT, near_zero=NEAR_ZERO, grid=False, island=False,
-                 island_near_tol=ISLAND_NEAR_TOL, **kwargs):
+                 island_near_tol=ISLAND_NEAR_TOL, island_only=False, **kwargs):
         kwargs.pop("texture", None)
         super().__init__(route_cut, near_zero, texture=False, **kwargs)
         self.grid = bool(grid)       # False: models fitted before the grid statistic existed
         self.island = bool(island)   # False: models fitted before the island statistic existed
         # part of the config, so a saved detector keeps the rule its thresholds were fitted with
         self.island_near_tol = float(island_near_tol)
+        # fitted with statistic="island-only": the other statistics' thresholds are UNUSED, so they
+        # are not computed (0 in their columns; at 224 px they cost most of the layer's time)
+        self.island_only = bool(island_only) and self.island
 
     @classmethod
     def from_config(cls, config):
@@ -493,6 +496,11 @@ class BandAnomaly(SpectralAnomaly):
         each band (then, with ``grid``, :meth:`grid_statistic`; with ``island``,
         :meth:`island_statistic`). ``pixels_and_blocks``: :meth:`_pixels_and_blocks` of ``coeffs``
         (routable sizes), shared by both statistics; computed here if they need it and it is None."""
+        if self.island_only:
+            zeros = ops.zeros((ops.shape(coeffs)[0], int(self._masks.shape[0])), coeffs.dtype)
+            parts = [zeros, zeros] + ([ops.reshape(zeros[:, 0], (-1, 1))] if self.grid else [])
+            pixels = pixels_and_blocks[0] if pixels_and_blocks is not None else None
+            return ops.concatenate(parts + [ops.reshape(self.island_statistic(coeffs, pixels), (-1, 1))], axis=1)
         z = ops.abs(ops.einsum("nuvc,dc->nuvd", coeffs, self._ycbcr)) / self._branch_scale(branch)
         zb = z[:, None] * self._masks[None, :, :, :, None]            # (n, bands, H, W, 3)
         luma = ops.max(zb[..., 0], axis=(2, 3))
@@ -520,6 +528,7 @@ class BandAnomaly(SpectralAnomaly):
         config["grid"] = self.grid
         config["island"] = self.island
         config["island_near_tol"] = self.island_near_tol
+        config["island_only"] = self.island_only
         return config
 
 
@@ -731,7 +740,7 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     size = spec.image_size
     if statistic in ("bands", "grid", "island", "island-only"):
         layer = BandAnomaly(grid=statistic != "bands", island=statistic.startswith("island"),
-                            island_near_tol=tol, name="spectral_anomaly")
+                            island_near_tol=tol, island_only=statistic == "island-only", name="spectral_anomaly")
         layer.build((None, size, size, 3))
         count, routed, thr = _fit_bands(layer, _variant_sets(x_fit, variants), _variant_sets(x_cal, variants),
                                         target_fpr, island_only=statistic == "island-only")
