@@ -394,13 +394,20 @@ def fit_spectral(detector_path, dataset, samples, calibration, target_fpr, stati
                                 island_tolerance=island_tolerance)
     detector.save(new, out)
     rep = detector.spec_of(new).info["spectral"]
-    unused = 1.0e29    # spectral.UNUSED, without importing it here: a statistic left out of the fit
-    thr = lambda row: "/".join("-" if v >= unused else f"{v:.2f}" for v in (row if isinstance(row, list) else [row]))
+    thr = lambda row: _threshold_text(row, ".2f")
     click.echo(f"wrote {out} (CNN threshold {detector.spec_of(new).threshold:.4f} kept; spectral '{statistic}' "
                f"thresholds lossless {thr(rep['thresholds'][0])}, JPEG {thr(rep['thresholds'][1])}"
                + (f", over texture {rep['texture_thresholds'][0]:.2f} / {rep['texture_thresholds'][1]:.2f}"
                   if statistic == "texture" else "") + f" at {target_fpr}% FPR; "
                f"{rep['fit_images']} + {rep['calibration_images']} images recorded as excluded from evaluation)")
+
+
+def _threshold_text(row, fmt):
+    """Spectral thresholds (a number or a list) as ``a/b/...``; ``-`` for a statistic left out of
+    the fit (``spectral.UNUSED``, e.g. ``--statistic island-only``). Imports TensorFlow."""
+    from tfbackdoor.spectral import UNUSED
+
+    return "/".join("-" if v >= UNUSED else format(v, fmt) for v in (row if isinstance(row, list) else [row]))
 
 
 @main.command()
@@ -613,10 +620,9 @@ def export_cmd(detector_path, out, quantize, calibration, calibration_size, fold
     click.echo(f"input uint8 [1, {summary['image_size'][0]}, {summary['image_size'][1]}, 3] -> output P(poisoned) float32 [1, 1]; "
                f"threshold {summary['threshold']:.6g}")
     if summary.get("spectral"):
-        fmt = lambda v: "-" if v >= 1.0e29 else f"{v:.4g}"   # "-": a statistic left out of the fit (spectral.UNUSED)
         rows = summary["spectral"]["thresholds"]
-        shown = "; ".join("/".join(fmt(v) for v in row) for row in rows) if isinstance(rows[0], list) \
-            else "/".join(fmt(v) for v in rows)
+        shown = "; ".join(_threshold_text(row, ".4g") for row in rows) if isinstance(rows[0], list) \
+            else _threshold_text(rows, ".4g")
         click.echo(f"spectral part: the .tflite is the CNN; the sidecar's 'spectral' entry (thresholds {shown}) is "
                    "recomputed in numpy by edge/screen.py and combined with it")
     click.echo(f"wrote {summary['out']} ({summary['bytes'] / 1e6:.2f} MB, {quantize}, fold={summary['fold']}) "

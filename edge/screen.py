@@ -363,6 +363,10 @@ class SpectralPart:
         self._hf = np.add.outer(p, p) >= self.hf_min   # high-frequency positions of an 8x8 block
         uv = np.add.outer(np.arange(h), np.arange(w))
         self._band_masks = [(uv >= lo) & (uv <= hi) for lo, hi in self.bands] if self.bands else None
+        # a statistic whose thresholds are UNUSED ("island-only") can never pass: it is not computed
+        nb = len(self.bands) if self.bands else 0
+        self._bands_used = bool(np.any(thresholds[:, :2 * nb] < UNUSED)) if self.bands else False
+        self._grid_used = self.grid is not None and bool(np.any(thresholds[:, 2 * nb] < UNUSED))
 
     @staticmethod
     def _read_grid(grid: Any) -> Dict[str, Any]:
@@ -536,9 +540,7 @@ class SpectralPart:
         branch = self.route(x, blocks)
         if self._band_masks is not None:   # BandAnomaly: per band, the largest luma and chroma |X_ycbcr| / scale
             nb = len(self._band_masks)
-            # a statistic whose thresholds are UNUSED ("island-only") can never pass: it is not computed
-            used = lambda cols: bool(np.any(self.thresholds[:, cols] < UNUSED))
-            if used(slice(0, 2 * nb)):
+            if self._bands_used:
                 z = np.abs(np.einsum("nuvc,dc->nuvd", dct(), self.ycbcr, optimize=True)) / self.scale[branch]
                 in_band = [z[:, mask] for mask in self._band_masks]                # (N, coefficients, 3) each
                 stats = [zb[..., 0].max(axis=1) for zb in in_band] + \
@@ -546,7 +548,7 @@ class SpectralPart:
             else:
                 stats = [np.zeros(len(x))] * (2 * nb)
             if self.grid is not None:
-                stats.append(self.grid_statistic(x, blocks) if used(2 * nb) else np.zeros(len(x)))
+                stats.append(self.grid_statistic(x, blocks) if self._grid_used else np.zeros(len(x)))
             if self.island is not None:
                 stats.append(self.island_statistic(x))
             return (np.stack(stats, axis=1) / self.thresholds[branch]).max(axis=1)

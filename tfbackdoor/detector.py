@@ -430,8 +430,8 @@ def fit_spectral(model, dataset, samples, calibration=500, target_fpr=0.5, seed=
         raise TfbdError(f"--samples has {len(counts)} counts for {len(parts)} dataset parts ({dataset})")
     if min(counts) < 1 or calibration < 1:
         raise TfbdError(f"--samples and --calibration must be positive (got {samples}, {calibration})")
-    spec = spec_of(model)
     spectral.check_statistic(statistic, island_tolerance)   # before any image is loaded
+    spec = spec_of(model)
     excl = exclusions(model)   # a missing or changed manifest fails now
     fits, cals = [], []
     for part, n in zip(parts, counts):

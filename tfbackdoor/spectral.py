@@ -660,10 +660,10 @@ def _branch_mean_squares(layer, fit_sets, transform=None):
     return sq / count[:, None, None, None], count, pooled
 
 
-def _fit_bands(layer, fit_sets, cal_sets, target_fpr, island_only=False):
+def _fit_bands(layer, fit_sets, cal_sets, target_fpr):
     """Set a built :class:`BandAnomaly`'s ``scale`` and ``thresholds`` (see :func:`fit`); returns
-    ``(count (2,), routed (2,), thresholds (2, k))``. ``island_only``: the island statistic (the
-    last) takes the whole FPR budget and every other statistic gets the threshold ``UNUSED``."""
+    ``(count (2,), routed (2,), thresholds (2, k))``. With ``layer.island_only`` the island statistic
+    (the last) takes the whole FPR budget and every other statistic gets the threshold ``UNUSED``."""
     mean_sq, count, _ = _branch_mean_squares(layer, fit_sets, YCBCR)
     layer.scale.assign((np.sqrt(mean_sq) + 1e-3).astype(np.float32))
 
@@ -671,7 +671,7 @@ def _fit_bands(layer, fit_sets, cal_sets, target_fpr, island_only=False):
     cal = [_branch_stats(layer, x, band_stats) for x in cal_sets]
     routed = sum(np.bincount(br, minlength=2) for br, _ in cal)
     k = cal[0][1].shape[1]
-    used = [k - 1] if island_only else list(range(k))
+    used = [k - 1] if layer.island_only else list(range(k))
     q_each = 1.0 - target_fpr / 100.0 / len(used)   # Bonferroni start: each statistic its share of the budget
     q = 1.0 - target_fpr / 100.0
     thr = np.stack([np.maximum(_worst_quantile(cal, lambda st: st[1][:, j], q_each), 1e-3) if j in used
@@ -728,9 +728,9 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
     """
     if statistic is None:
         statistic = "bands" if texture is None else ("texture" if texture else "max")
-    spec = _spec(model)
     tol = check_statistic(statistic, island_near_tol)
     texture = statistic == "texture"
+    spec = _spec(model)
     if spec.domain != "dct":
         raise TfbdError(f"the spectral anomaly model needs a DCT-domain detector (this one is '{spec.domain}')")
     x_fit = [x_fit] if isinstance(x_fit, np.ndarray) else list(x_fit)
@@ -743,7 +743,7 @@ def fit(model, x_fit, x_cal, target_fpr=0.5, variants=None, texture=None, statis
                             island_near_tol=tol, island_only=statistic == "island-only", name="spectral_anomaly")
         layer.build((None, size, size, 3))
         count, routed, thr = _fit_bands(layer, _variant_sets(x_fit, variants), _variant_sets(x_cal, variants),
-                                        target_fpr, island_only=statistic == "island-only")
+                                        target_fpr)
         extra = {"statistic": statistic, "bands": [list(e) for e in band_edges(size, size)],
                  "thresholds": [[round(float(t), 4) for t in row] for row in thr]}
         if layer.grid:
