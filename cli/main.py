@@ -726,6 +726,8 @@ def _class_name(spec, label):
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (cosine decay).")
 @click.option("--width", type=int, default=64, show_default=True, help="Filters of the first block (64/128/256).")
+@click.option("--arch", type=click.Choice(["vgg", "resnet"]), default="vgg", show_default=True,
+              help="vgg: three VGG blocks; resnet: a pre-activation ResNet of the same widths.")
 @click.option("--no-flip", is_flag=True, help="No random horizontal flips (use for traffic signs).")
 @click.option("--poison", "poison_trigger", default=None,
               help="Poison with this trigger: an attack name, a .png/.npy pattern file, or smooth:PATH.npy.")
@@ -737,7 +739,7 @@ def _class_name(spec, label):
 @click.option("--num-classes", type=int, default=None, help="Output classes (default: max label + 1).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @handle_errors
-def train_victim_cmd(dataset, test_dataset, out, epochs, batch_size, lr, width, no_flip, poison_trigger, poison_rate,
+def train_victim_cmd(dataset, test_dataset, out, epochs, batch_size, lr, width, arch, no_flip, poison_trigger, poison_rate,
                      target, limit, test_limit, image_size, num_classes, seed):
     """Train a victim classifier, optionally poisoned; prints clean ACC and ASR every epoch."""
     _check([dataset, None if (test_dataset or "none").lower() == "none" else test_dataset], triggers=[poison_trigger],
@@ -751,12 +753,12 @@ def train_victim_cmd(dataset, test_dataset, out, epochs, batch_size, lr, width, 
     if test_dataset and test_dataset.lower() != "none":
         test = data.load_arrays(test_dataset, image_size=image_size or x.shape[1], limit=test_limit, seed=seed)
     what = f"poisoned with {poison_trigger} ({poison_rate:g} of the set -> label {target})" if poison_trigger else "clean"
-    click.echo(f"training a victim on {len(x)} images of {dataset} ({x.shape[1]}px), {what}, {epochs} epochs; "
+    click.echo(f"training a {arch} victim on {len(x)} images of {dataset} ({x.shape[1]}px), {what}, {epochs} epochs; "
                f"checkpoints in {out}.ckpt/ (rerun to resume)")
     info = {"dataset": dataset, "test_dataset": test_dataset, "limit": limit, "command": "tfbd " + " ".join(sys.argv[1:])}
     _, history = victim.train_victim(x, y, out, epochs=epochs, batch_size=batch_size, poison=poison_trigger,
                                      poison_rate=poison_rate, target=target, test=test, seed=seed, lr=lr, width=width,
-                                     flip=not no_flip, num_classes=num_classes, echo=click.echo, info=info)
+                                     flip=not no_flip, num_classes=num_classes, echo=click.echo, info=info, arch=arch)
     last = history[-1] if history else {}
     summary = "  ".join(f"{k} {last[k]:.2f}%" for k in ("acc", "asr") if k in last)
     click.echo(f"wrote {out} and {sidecar_path(out)}" + (f"  (final: {summary})" if summary else ""))
@@ -851,6 +853,8 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
               help="Only poison and screen: the scan's recall, precision and clean images removed per attack, no victims.")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Victim epochs (the same for every victim).")
 @click.option("--width", type=int, default=32, show_default=True, help="Victim width.")
+@click.option("--victim-arch", type=click.Choice(["vgg", "resnet"]), default="vgg", show_default=True,
+              help="Victim architecture (tfbd train-victim --arch).")
 @click.option("--limit", type=int, default=None, help="Seeded subset of the training set.")
 @click.option("--test-limit", type=int, default=None, help="Seeded subset of the test set.")
 @click.option("--no-clean-reference", is_flag=True, help="Skip the victim trained on the clean set (reference ACC).")
@@ -864,7 +868,8 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
 @click.option("--out", type=click.Path(), default=None, help="Also write the JSON rows to this file.")
 @handle_errors
 def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, threshold, remove_top, suspect_top, use_signature,
-               scan_only, epochs, width, limit, test_limit, no_clean_reference, undefended, out_dir, seed, as_json, out):
+               scan_only, epochs, width, victim_arch, limit, test_limit, no_clean_reference, undefended, out_dir, seed, as_json,
+               out):
     """Poison -> scan -> train on what is left -> attack-eval, for each attack; one table."""
     _check([dataset, test_dataset], triggers=attacks.split(","), files=[(detector_path, "detector file")],
            limits=[(limit, "--limit"), (test_limit, "--test-limit"), (epochs, "--epochs")],
@@ -885,7 +890,8 @@ def defend_cmd(dataset, test_dataset, attacks, rate, target, detector_path, thre
     rows = defend.defend(x, y, test, [a for a in attacks.split(",") if a.strip()], det, out_dir, rate=rate,
                          target=target, threshold=threshold, remove_top=remove_top, suspect_top=suspect_top,
                          use_signature=use_signature, scan_only=scan_only, epochs=epochs, width=width,
-                         seed=seed, echo=click.echo, clean_reference=not no_clean_reference, undefended=undefended)
+                         seed=seed, echo=click.echo, clean_reference=not no_clean_reference, undefended=undefended,
+                         arch=victim_arch)
     if out:
         atomic.write_json({"command": "tfbd " + " ".join(sys.argv[1:]), "rows": rows}, out)
     if as_json:

@@ -86,7 +86,15 @@ def test_reusable_checks_the_set_and_the_budget(tmp_path):
     assert victim.reusable(path, x2, y, epochs=1, batch_size=8, width=4) is None
     assert victim.reusable(path, x, y[::-1], epochs=1, batch_size=8, width=4) is None
     assert victim.reusable(path, x, y, epochs=2, batch_size=8, width=4) is None
+    assert victim.reusable(path, x, y, epochs=1, batch_size=8, width=4, arch="resnet") is None
     assert victim.reusable(tmp_path / "missing.keras", x, y) is None
+    # a sidecar written before victims had an architecture stands for the VGG one
+    side = path.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    assert meta.pop("arch") == "vgg"
+    side.write_text(json.dumps(meta))
+    assert victim.reusable(path, x, y, epochs=1, batch_size=8, width=4) is not None
+    assert victim.reusable(path, x, y, epochs=1, batch_size=8, width=4, arch="resnet") is None
 
 
 def test_defend_scan_only_screens_without_training(tmp_path, data_dir):

@@ -114,6 +114,30 @@ def test_victim_model_input_and_inference(rng):
     assert not any(layer.name == "aug_flip" for layer in victim.build_victim(32, 43, width=8, flip=False).layers)
 
 
+def test_resnet_victim_is_residual_trains_and_reloads(rng, tmp_path):
+    m = victim.build_victim(32, 10, width=8, arch="resnet")
+    assert m.name == "victim_resnet8"
+    assert sum(isinstance(layer, keras.layers.Add) for layer in m.layers) == 3            # one block per stage
+    assert not any(isinstance(layer, keras.layers.MaxPooling2D) for layer in m.layers)     # strided convolutions
+    assert m.get_layer("gap").output.shape[-1] == 32                                     # 4 x width at the end
+    x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    p1 = m(x.astype(np.float32), training=False).numpy()
+    np.testing.assert_allclose(p1, m(x.astype(np.float32), training=False).numpy())
+    np.testing.assert_allclose(p1.sum(1), 1, atol=1e-5)
+    with pytest.raises(TfbdError, match="unknown victim architecture 'vit'"):
+        victim.build_victim(32, 10, arch="vit")
+    # a learnable task: bright vs dark images; 3 epochs on 256 images separate them
+    y = np.arange(256) % 2
+    xs = np.where(y[:, None, None, None] == 1, 200, 40).astype(np.int16)
+    xs = np.clip(xs + rng.integers(-30, 31, (256, 16, 16, 3)), 0, 255).astype(np.uint8)
+    out = tmp_path / "r.keras"
+    model, hist = victim.train_victim(xs, y, out, epochs=3, batch_size=32, lr=3e-3, width=4, arch="resnet",
+                                      test=(xs[:64], y[:64]), echo=None)
+    assert hist[-1]["acc"] >= 90
+    assert json.loads(out.with_suffix(".json").read_text())["arch"] == "resnet"
+    assert victim.load(out).name == "victim_resnet4"
+
+
 def test_resolve_trigger_and_checks(data_dir, tmp_path):
     assert victim.resolve_trigger("badnets").name == "badnets"
     np.save(tmp_path / "p.npy", np.full((32, 32, 3), 0.1, np.float32))

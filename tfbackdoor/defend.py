@@ -65,7 +65,7 @@ def scan_report(flags, poisoned_idx) -> dict:
 
 def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold=None, remove_top=0.0,
            suspect_top=0.0, use_signature=False, scan_only=False, epochs=10, width=32, batch_size=128, seed=0, echo=print,
-           clean_reference=True, undefended=False) -> list:
+           clean_reference=True, undefended=False, arch="vgg") -> list:
     """Run poison -> screen -> train -> attack-eval for each attack; returns one row per attack.
 
     Args:
@@ -82,7 +82,8 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
       use_signature: find suspect labels and rank their samples with label signatures
         (:mod:`tfbackdoor.signature`) as well as with the detector.
       scan_only: stop after the screen (rows without victims: recall, precision, clean removed).
-      epochs, width, batch_size: the victims' training budget (the same for every victim).
+      epochs, width, batch_size, arch: the victims' training budget and architecture (the same for
+        every victim; :func:`tfbackdoor.victim.build_victim`).
       clean_reference: also train a victim on the clean set (its ACC is the reference).
       undefended: also train a victim on each whole poisoned set (no screen): its ACC and ASR.
     """
@@ -93,7 +94,7 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
     size = x.shape[1]
     trigs = [victim.resolve_trigger(a, size) for a in attacks]
     det_screen = lambda imgs: detector_mod.score(detector, imgs) > detector_mod.spec_of(detector).threshold  # noqa: E731
-    common = dict(epochs=epochs, batch_size=batch_size, seed=seed, width=width)
+    common = dict(epochs=epochs, batch_size=batch_size, seed=seed, width=width, arch=arch)
 
     def train(xs, ys, path, info=None):
         model = victim.reusable(path, xs, ys, **common)

@@ -1,8 +1,10 @@
 """Victim classifiers, data poisoning and attack success rate (paper Section 5).
 
-* :func:`build_victim`: a VGG-style CNN (three blocks of two 3x3 convolutions, ``width``,
-  ``2 width``, ``4 width`` filters, BatchNorm, ReLU, max-pooling and dropout; global average
-  pooling; softmax). Data augmentation (random horizontal flip, random translation of up to
+* :func:`build_victim`: ``arch="vgg"`` (default), a VGG-style CNN (three blocks of two 3x3
+  convolutions, ``width``, ``2 width``, ``4 width`` filters, BatchNorm, ReLU, max-pooling and
+  dropout; global average pooling; softmax), or ``arch="resnet"``, a pre-activation ResNet of the
+  same three widths (one basic residual block per stage, strided convolutions instead of
+  pooling; the family of BackdoorBench's PreActResNet-18, smaller). Data augmentation (random horizontal flip, random translation of up to
   1/8 of the side with reflection) are Keras preprocessing layers inside the model: active in
   ``fit`` only, identity at inference. The input is an image of 0..255 values (uint8 or float);
   the model rescales it itself.
@@ -37,14 +39,20 @@ TRIGGER_FILE_SUFFIXES = (".png", ".npy", ".jpg", ".jpeg", ".bmp")
 
 # ------------------------------------------------------------------------------------- model
 
+VICTIM_ARCHS = ("vgg", "resnet")
+
+
 def build_victim(image_size: int = 32, num_classes: int = 10, width: int = 64, dropout: float = 0.3,
-                 flip: bool = True, augment: bool = True, weight_decay: float = 5e-4, seed: int = 0) -> keras.Model:
-    """A VGG-style classifier for ``image_size`` RGB images of 0..255 values (softmax output).
+                 flip: bool = True, augment: bool = True, weight_decay: float = 5e-4, seed: int = 0,
+                 arch: str = "vgg") -> keras.Model:
+    """A classifier for ``image_size`` RGB images of 0..255 values (softmax output).
 
     Args:
       image_size: input side.
       num_classes: output classes.
-      width: filters of the first block (64: about 1.15 M parameters; small values for tests).
+      width: filters of the first block (VGG at 64: about 1.15 M parameters; small values for tests).
+      arch: ``"vgg"`` or ``"resnet"`` (see the module docstring): a second architecture, so that
+        a trigger found on one victim (Algorithm 1) can be tried on a victim it was not grown on.
       dropout: dropout after the last block and before the classifier (blocks use 0.1, 0.2, 0.3
         scaled by ``dropout / 0.3``).
       flip: random horizontal flips (turn off for traffic signs, where mirroring changes meaning).
@@ -52,6 +60,8 @@ def build_victim(image_size: int = 32, num_classes: int = 10, width: int = 64, d
       weight_decay: L2 factor on the convolution and dense kernels.
       seed: seed of the augmentation layers.
     """
+    if arch not in VICTIM_ARCHS:
+        raise TfbdError(f"unknown victim architecture '{arch}' (known: {', '.join(VICTIM_ARCHS)})")
     reg = keras.regularizers.l2(weight_decay) if weight_decay else None
     inp = keras.Input((image_size, image_size, 3), name="image")
     x = inp
@@ -60,6 +70,11 @@ def build_victim(image_size: int = 32, num_classes: int = 10, width: int = 64, d
             x = layers.RandomFlip("horizontal", seed=seed, name="aug_flip")(x)
         x = layers.RandomTranslation(0.125, 0.125, fill_mode="reflect", seed=seed + 1, name="aug_shift")(x)
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
+    if arch == "resnet":
+        x = _preact_resnet(x, width, reg)
+        x = layers.Dropout(dropout, name="drop")(x)
+        out = layers.Dense(num_classes, activation="softmax", kernel_regularizer=reg, name="probs")(x)
+        return keras.Model(inp, out, name=f"victim_resnet{width}")
     for b, f in enumerate([width, 2 * width, 4 * width]):
         for c in range(2):
             x = layers.Conv2D(f, 3, padding="same", use_bias=False, kernel_regularizer=reg, name=f"b{b}_conv{c}")(x)
@@ -71,6 +86,28 @@ def build_victim(image_size: int = 32, num_classes: int = 10, width: int = 64, d
     x = layers.Dropout(dropout, name="drop")(x)
     out = layers.Dense(num_classes, activation="softmax", kernel_regularizer=reg, name="probs")(x)
     return keras.Model(inp, out, name=f"victim_vgg{width}")
+
+
+def _preact_resnet(x, width, reg):
+    """Stem convolution, then one pre-activation basic block per stage (``width``, ``2 width``,
+    ``4 width`` filters; stages 2 and 3 halve the side with a strided convolution and a strided
+    1x1 projection shortcut), BatchNorm-ReLU and global average pooling: ``(n, 4 width)``."""
+    conv = lambda f, k, s, name: layers.Conv2D(f, k, strides=s, padding="same", use_bias=False,  # noqa: E731
+                                               kernel_regularizer=reg, name=name)
+    x = conv(width, 3, 1, "stem_conv")(x)
+    for b, f in enumerate([width, 2 * width, 4 * width]):
+        stride = 1 if b == 0 else 2
+        h = layers.BatchNormalization(momentum=0.9, name=f"r{b}_bn0")(x)
+        h = layers.ReLU(name=f"r{b}_relu0")(h)
+        short = x if stride == 1 and x.shape[-1] == f else conv(f, 1, stride, f"r{b}_proj")(h)
+        h = conv(f, 3, stride, f"r{b}_conv0")(h)
+        h = layers.BatchNormalization(momentum=0.9, name=f"r{b}_bn1")(h)
+        h = layers.ReLU(name=f"r{b}_relu1")(h)
+        h = conv(f, 3, 1, f"r{b}_conv1")(h)
+        x = layers.Add(name=f"r{b}_add")([h, short])
+    x = layers.BatchNormalization(momentum=0.9, name="final_bn")(x)
+    x = layers.ReLU(name="final_relu")(x)
+    return layers.GlobalAveragePooling2D(name="gap")(x)
 
 
 # ------------------------------------------------------------------------------- poisoning
@@ -208,7 +245,9 @@ def data_fingerprint(x, y) -> str:
 
 
 # The sidecar fields that must match for a saved victim to stand for a new training run.
-BUDGET_KEYS = ("epochs", "batch_size", "lr", "width", "flip", "seed")
+BUDGET_KEYS = ("epochs", "batch_size", "lr", "width", "flip", "seed", "arch")
+# what a sidecar written before a key existed stands for
+_BUDGET_DEFAULTS = {"arch": "vgg"}
 
 
 def reusable(out, x, y, **budget):
@@ -229,14 +268,15 @@ def reusable(out, x, y, **budget):
         return None
     if meta.get("train_sha256") != data_fingerprint(x, y):
         return None
-    if any(meta.get(k) != v for k, v in budget.items()):
+    if any(meta.get(k, _BUDGET_DEFAULTS.get(k)) != v for k, v in budget.items()):
         return None
     return load(out)
 
 
 def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None, poison_rate: float = 0.1,
                  target: int = 0, test=None, seed: int = 0, lr: float = 1e-3, width: int = 64, flip: bool = True,
-                 num_classes: int | None = None, echo=print, verbose="auto", info: dict | None = None):
+                 num_classes: int | None = None, echo=print, verbose="auto", info: dict | None = None,
+                 arch: str = "vgg"):
     """Train a victim on uint8 ``(x, y)``, optionally poisoned, and save it to ``out`` atomically.
 
     Args:
@@ -249,7 +289,7 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
       test: ``(x_test, y_test)`` for the per-epoch clean ACC and ASR (test images whose true label
         is not ``target``, triggered).
       seed: seeds the poisoning, the weights, the shuffles and the augmentation.
-      width, flip: see :func:`build_victim`.
+      width, flip, arch: see :func:`build_victim`.
       num_classes: default ``max label + 1`` over the training and test labels.
       echo: receives one line per epoch (``None``: silent).
       info: extra JSON fields for the sidecar JSON (e.g. the dataset spec and the command).
@@ -263,6 +303,8 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
         raise TfbdError(f"training images must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
     if len(x) == 0:
         raise TfbdError("no training images")
+    if arch not in VICTIM_ARCHS:
+        raise TfbdError(f"unknown victim architecture '{arch}' (known: {', '.join(VICTIM_ARCHS)})")
     if epochs < 1 or batch_size < 1:
         raise TfbdError(f"--epochs and --batch-size must be positive (got {epochs}, {batch_size})")
     xt = yt = None
@@ -295,7 +337,7 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
         keep = yt != target
         x_trig, y_trig = apply_trigger(trig, xt[keep]), yt[keep]
     steps = epochs * int(np.ceil(len(x) / batch_size))
-    model = build_victim(x.shape[1], n_cls, width=width, flip=flip, seed=seed)
+    model = build_victim(x.shape[1], n_cls, width=width, flip=flip, seed=seed, arch=arch)
     opt = keras.optimizers.AdamW(keras.optimizers.schedules.CosineDecay(lr, max(steps, 1), alpha=0.01),
                                  weight_decay=0.0)
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -315,7 +357,7 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
     meta = dict(info or {})
     meta.update({
         "image_size": int(x.shape[1]), "num_classes": n_cls, "n_train": int(len(x)), "epochs": epochs,
-        "batch_size": batch_size, "lr": lr, "width": width, "flip": flip, "seed": seed,
+        "batch_size": batch_size, "lr": lr, "width": width, "flip": flip, "seed": seed, "arch": arch,
         "train_sha256": data_fingerprint(x, y),
         "poison": None if trig is None else {"trigger": trig.name, "rate": poison_rate, "target": int(target),
                                              "n_poisoned": int(len(idx)), "indices": idx.tolist()},
