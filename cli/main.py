@@ -19,6 +19,9 @@ from tfbackdoor.specs import ARCH_NAMES, EXPORT_FOLDS, QUANTIZE_MODES   # TF-fre
 _TF_LOG_PRESET = "TF_CPP_MIN_LOG_LEVEL" in os.environ   # a user's own setting wins over --verbose
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _VERBOSE = False
+# tfbackdoor.victim.VICTIM_ARCHS, spelled out here because importing it loads TensorFlow (tfbd --help
+# stays fast); tests/test_victim.py checks that the two agree
+VICTIM_ARCHS = ("vgg", "resnet")
 
 
 def _quiet_tf():
@@ -726,7 +729,7 @@ def _class_name(spec, label):
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate (cosine decay).")
 @click.option("--width", type=int, default=64, show_default=True, help="Filters of the first block (64/128/256).")
-@click.option("--arch", type=click.Choice(["vgg", "resnet"]), default="vgg", show_default=True,
+@click.option("--arch", type=click.Choice(VICTIM_ARCHS), default="vgg", show_default=True,
               help="vgg: three VGG blocks; resnet: a pre-activation ResNet of the same widths.")
 @click.option("--no-flip", is_flag=True, help="No random horizontal flips (use for traffic signs).")
 @click.option("--poison", "poison_trigger", default=None,
@@ -853,7 +856,7 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
               help="Only poison and screen: the scan's recall, precision and clean images removed per attack, no victims.")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Victim epochs (the same for every victim).")
 @click.option("--width", type=int, default=32, show_default=True, help="Victim width.")
-@click.option("--victim-arch", type=click.Choice(["vgg", "resnet"]), default="vgg", show_default=True,
+@click.option("--victim-arch", type=click.Choice(VICTIM_ARCHS), default="vgg", show_default=True,
               help="Victim architecture (tfbd train-victim --arch).")
 @click.option("--limit", type=int, default=None, help="Seeded subset of the training set.")
 @click.option("--test-limit", type=int, default=None, help="Seeded subset of the test set.")

@@ -126,6 +126,9 @@ def test_resnet_victim_is_residual_trains_and_reloads(rng, tmp_path):
     np.testing.assert_allclose(p1.sum(1), 1, atol=1e-5)
     with pytest.raises(TfbdError, match="unknown victim architecture 'vit'"):
         victim.build_victim(32, 10, arch="vit")
+    from cli import main as cli_main
+
+    assert cli_main.VICTIM_ARCHS == victim.VICTIM_ARCHS          # the CLI's copy (no TF import at --help)
     # a learnable task: bright vs dark images; 3 epochs on 256 images separate them
     y = np.arange(256) % 2
     xs = np.where(y[:, None, None, None] == 1, 200, 40).astype(np.int16)

@@ -4,9 +4,9 @@
   convolutions, ``width``, ``2 width``, ``4 width`` filters, BatchNorm, ReLU, max-pooling and
   dropout; global average pooling; softmax), or ``arch="resnet"``, a pre-activation ResNet of the
   same three widths (one basic residual block per stage, strided convolutions instead of
-  pooling; the family of BackdoorBench's PreActResNet-18, smaller). Data augmentation (random horizontal flip, random translation of up to
-  1/8 of the side with reflection) are Keras preprocessing layers inside the model: active in
-  ``fit`` only, identity at inference. The input is an image of 0..255 values (uint8 or float);
+  pooling; the family of BackdoorBench's PreActResNet-18, smaller). Data augmentation (random
+  horizontal flip, random translation of up to 1/8 of the side with reflection) are Keras
+  preprocessing layers inside the model: active in ``fit`` only, identity at inference. The input is an image of 0..255 values (uint8 or float);
   the model rescales it itself.
 * :func:`poison`: dirty-label poisoning of a training set with any trigger of
   :mod:`tfbackdoor.triggers`.
@@ -42,6 +42,13 @@ TRIGGER_FILE_SUFFIXES = (".png", ".npy", ".jpg", ".jpeg", ".bmp")
 VICTIM_ARCHS = ("vgg", "resnet")
 
 
+def check_arch(arch: str) -> str:
+    """``arch`` if it is one of :data:`VICTIM_ARCHS`, else a one-line error."""
+    if arch not in VICTIM_ARCHS:
+        raise TfbdError(f"unknown victim architecture '{arch}' (known: {', '.join(VICTIM_ARCHS)})")
+    return arch
+
+
 def build_victim(image_size: int = 32, num_classes: int = 10, width: int = 64, dropout: float = 0.3,
                  flip: bool = True, augment: bool = True, weight_decay: float = 5e-4, seed: int = 0,
                  arch: str = "vgg") -> keras.Model:
@@ -53,15 +60,14 @@ def build_victim(image_size: int = 32, num_classes: int = 10, width: int = 64, d
       width: filters of the first block (VGG at 64: about 1.15 M parameters; small values for tests).
       arch: ``"vgg"`` or ``"resnet"`` (see the module docstring): a second architecture, so that
         a trigger found on one victim (Algorithm 1) can be tried on a victim it was not grown on.
-      dropout: dropout after the last block and before the classifier (blocks use 0.1, 0.2, 0.3
-        scaled by ``dropout / 0.3``).
+      dropout: dropout before the classifier; the VGG blocks also use 0.1, 0.2, 0.3 scaled by
+        ``dropout / 0.3`` after each block (the ResNet's blocks have none).
       flip: random horizontal flips (turn off for traffic signs, where mirroring changes meaning).
       augment: any augmentation at all (flip + translation).
       weight_decay: L2 factor on the convolution and dense kernels.
       seed: seed of the augmentation layers.
     """
-    if arch not in VICTIM_ARCHS:
-        raise TfbdError(f"unknown victim architecture '{arch}' (known: {', '.join(VICTIM_ARCHS)})")
+    check_arch(arch)
     reg = keras.regularizers.l2(weight_decay) if weight_decay else None
     inp = keras.Input((image_size, image_size, 3), name="image")
     x = inp
@@ -303,8 +309,7 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
         raise TfbdError(f"training images must be uint8 (N, H, W, 3), got {x.dtype} {x.shape}")
     if len(x) == 0:
         raise TfbdError("no training images")
-    if arch not in VICTIM_ARCHS:
-        raise TfbdError(f"unknown victim architecture '{arch}' (known: {', '.join(VICTIM_ARCHS)})")
+    check_arch(arch)   # before the poisoning work
     if epochs < 1 or batch_size < 1:
         raise TfbdError(f"--epochs and --batch-size must be positive (got {epochs}, {batch_size})")
     xt = yt = None
