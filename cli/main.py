@@ -14,14 +14,11 @@ from pathlib import Path
 
 import click
 
-from tfbackdoor.specs import ARCH_NAMES, EXPORT_FOLDS, QUANTIZE_MODES   # TF-free
+from tfbackdoor.specs import ARCH_NAMES, EXPORT_FOLDS, QUANTIZE_MODES, VICTIM_ARCHS   # TF-free
 
 _TF_LOG_PRESET = "TF_CPP_MIN_LOG_LEVEL" in os.environ   # a user's own setting wins over --verbose
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _VERBOSE = False
-# tfbackdoor.victim.VICTIM_ARCHS, spelled out here because importing it loads TensorFlow (tfbd --help
-# stays fast); tests/test_victim.py checks that the two agree
-VICTIM_ARCHS = ("vgg", "resnet")
 
 
 def _quiet_tf():

@@ -128,7 +128,7 @@ def test_resnet_victim_is_residual_trains_and_reloads(rng, tmp_path):
         victim.build_victim(32, 10, arch="vit")
     from cli import main as cli_main
 
-    assert cli_main.VICTIM_ARCHS == victim.VICTIM_ARCHS          # the CLI's copy (no TF import at --help)
+    assert cli_main.VICTIM_ARCHS == victim.VICTIM_ARCHS          # one tuple, from the TF-free tfbackdoor.specs
     # a learnable task: bright vs dark images; 3 epochs on 256 images separate them
     y = np.arange(256) % 2
     xs = np.where(y[:, None, None, None] == 1, 200, 40).astype(np.int16)

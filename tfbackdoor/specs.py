@@ -39,6 +39,8 @@ SPEC_FORMS = ("npz:PATH", "dir:PATH", "tfds:NAME[:SPLIT]", "crops:PATH[:N]")
 # Detector architectures of tfbackdoor.models.ARCHS (a copy for the CLI's choices; tests/test_startup.py
 # checks they agree).
 ARCH_NAMES = ("cnn6", "large", "edge")
+# Victim architectures of tfbackdoor.victim.build_victim (owned here, not a copy: victim.py and the CLI import it).
+VICTIM_ARCHS = ("vgg", "resnet")
 
 # tfbackdoor.export's QUANTIZE_MODES and FOLDS, for `tfbd export`'s choices without importing TensorFlow
 # (copies: tests/test_startup.py checks they agree).

@@ -6,7 +6,8 @@
   same three widths (one basic residual block per stage, strided convolutions instead of
   pooling; the family of BackdoorBench's PreActResNet-18, smaller). Data augmentation (random
   horizontal flip, random translation of up to 1/8 of the side with reflection) are Keras
-  preprocessing layers inside the model: active in ``fit`` only, identity at inference. The input is an image of 0..255 values (uint8 or float);
+  preprocessing layers inside the model: active in ``fit`` only, identity at inference. The input
+  is an image of 0..255 values (uint8 or float);
   the model rescales it itself.
 * :func:`poison`: dirty-label poisoning of a training set with any trigger of
   :mod:`tfbackdoor.triggers`.
@@ -33,14 +34,12 @@ from . import metrics, triggers
 from .atomic import atomic_path, sidecar_path, write_json
 from .classifier import check_model_fits, check_target, load, num_classes, predict, save
 from .errors import TfbdError
+from .specs import VICTIM_ARCHS
 
 TRIGGER_FILE_SUFFIXES = (".png", ".npy", ".jpg", ".jpeg", ".bmp")
 
 
 # ------------------------------------------------------------------------------------- model
-
-VICTIM_ARCHS = ("vgg", "resnet")
-
 
 def check_arch(arch: str) -> str:
     """``arch`` if it is one of :data:`VICTIM_ARCHS`, else a one-line error."""
@@ -76,11 +75,15 @@ def build_victim(image_size: int = 32, num_classes: int = 10, width: int = 64, d
             x = layers.RandomFlip("horizontal", seed=seed, name="aug_flip")(x)
         x = layers.RandomTranslation(0.125, 0.125, fill_mode="reflect", seed=seed + 1, name="aug_shift")(x)
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(x)
-    if arch == "resnet":
-        x = _preact_resnet(x, width, reg)
-        x = layers.Dropout(dropout, name="drop")(x)
-        out = layers.Dense(num_classes, activation="softmax", kernel_regularizer=reg, name="probs")(x)
-        return keras.Model(inp, out, name=f"victim_resnet{width}")
+    x = _preact_resnet(x, width, reg) if arch == "resnet" else _vgg(x, width, reg, dropout)
+    x = layers.Dropout(dropout, name="drop")(x)
+    out = layers.Dense(num_classes, activation="softmax", kernel_regularizer=reg, name="probs")(x)
+    return keras.Model(inp, out, name=f"victim_{arch}{width}")
+
+
+def _vgg(x, width, reg, dropout):
+    """Three VGG blocks (two 3x3 convolutions with BatchNorm and ReLU, max-pooling, dropout) of
+    ``width``, ``2 width``, ``4 width`` filters, then global average pooling: ``(n, 4 width)``."""
     for b, f in enumerate([width, 2 * width, 4 * width]):
         for c in range(2):
             x = layers.Conv2D(f, 3, padding="same", use_bias=False, kernel_regularizer=reg, name=f"b{b}_conv{c}")(x)
@@ -88,10 +91,7 @@ def build_victim(image_size: int = 32, num_classes: int = 10, width: int = 64, d
             x = layers.ReLU(name=f"b{b}_relu{c}")(x)
         x = layers.MaxPooling2D(name=f"b{b}_pool")(x)
         x = layers.Dropout(dropout * (b + 1) / 3.0, name=f"b{b}_drop")(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
-    x = layers.Dropout(dropout, name="drop")(x)
-    out = layers.Dense(num_classes, activation="softmax", kernel_regularizer=reg, name="probs")(x)
-    return keras.Model(inp, out, name=f"victim_vgg{width}")
+    return layers.GlobalAveragePooling2D(name="gap")(x)
 
 
 def _preact_resnet(x, width, reg):
