@@ -27,6 +27,16 @@ def fitted(natural):
     return base, model, report
 
 
+@pytest.fixture(scope="module")
+def cifar_split(data_dir):
+    """CIFAR-10 fit / calibration images (JPEG train + lossless) and 800 other lossless test images."""
+    from tfbackdoor import data
+
+    lo = data.load_arrays("cifar10:lossless", limit=1800, seed=3)[0]
+    jp = data.load_arrays("cifar10:train", limit=1500, seed=3)[0]
+    return [jp[:1200], lo[:600]], [jp[1200:], lo[600:1000]], lo[1000:]
+
+
 def test_the_router_tells_jpeg_from_lossless(natural):
     _, cal, test = natural
     layer = spectral.SpectralAnomaly()
@@ -92,15 +102,11 @@ def test_save_and_load_keep_scores_and_config(fitted, natural, tmp_path):
     assert sum(isinstance(l, spectral.SpectralAnomaly) for l in refit.layers) == 1
 
 
-def test_the_texture_statistic_catches_sig_that_max_z_alone_misses_at_the_same_fpr(data_dir):
+def test_the_texture_statistic_catches_sig_that_max_z_alone_misses_at_the_same_fpr(cifar_split):
     """Fitted and calibrated on CIFAR-10 (JPEG train + lossless), scored on other lossless images:
     contrast-raised clean images set max-z's threshold above most SIG images; the texture statistic
     (max-z over the image's median) does not, at no more clean flags."""
-    from tfbackdoor import data
-
-    lo = data.load_arrays("cifar10:lossless", limit=1800, seed=3)[0]
-    jp = data.load_arrays("cifar10:train", limit=1500, seed=3)[0]
-    fit, cal, test = [jp[:1200], lo[:600]], [jp[1200:], lo[600:1000]], lo[1000:]
+    fit, cal, test = cifar_split
     base = detector.build("cnn6", 32, "dct", threshold=0.7)
     sig = triggers.get("sig")(test).numpy()
     rates = {}
@@ -115,15 +121,11 @@ def test_the_texture_statistic_catches_sig_that_max_z_alone_misses_at_the_same_f
     assert tex["clean"] <= 0.02 and tex["contrast"] <= 0.03, rates
 
 
-def test_the_band_statistic_catches_sig_and_survives_save_and_load(data_dir, tmp_path):
+def test_the_band_statistic_catches_sig_and_survives_save_and_load(cifar_split, tmp_path):
     """Bands (luma and chroma apart, a threshold per band) on the same CIFAR-10 fit: SIG, whose
     sinusoid stands out only among mid frequencies, is caught where max-z alone catches none, as are
     FTrojan's chroma bumps, at few clean flags; saving keeps the layer and its scores."""
-    from tfbackdoor import data
-
-    lo = data.load_arrays("cifar10:lossless", limit=1800, seed=3)[0]
-    jp = data.load_arrays("cifar10:train", limit=1500, seed=3)[0]
-    fit, cal, test = [jp[:1200], lo[:600]], [jp[1200:], lo[600:1000]], lo[1000:]
+    fit, cal, test = cifar_split
     base = detector.build("cnn6", 32, "dct", threshold=0.7)
     model, report = spectral.fit(base, fit, cal, target_fpr=0.5, statistic="bands")
     layer = model.get_layer("spectral_anomaly")
