@@ -104,3 +104,29 @@ def test_a_dataset_whose_labels_differ_in_structure_gets_no_false_suspect(data_d
     lams = np.array([v["lambda"] for v in sigs.values()])
     assert (lams >= signature.FACTOR * np.median(lams)).sum() >= 2   # what the median rule alone would cut
     assert signature.suspect_by_signature(sigs) == []
+
+
+def test_the_victim_side_probes_find_a_planted_minority_and_nothing_in_clean_labels():
+    """benchmarks/defend_probes.py: in features where one label holds a 20% minority shifted along
+    one direction (what a backdoor does to a victim's features when it is learnt apart), the
+    spectral signature and activation clustering put those samples first and the loss AUROC sees
+    their lower loss; the other labels have no poison to find."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from defend_probes import probe
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 500)
+    feats = rng.normal(0, 1, (2000, 32)) + 3.0 * labels[:, None] * (np.arange(32) == 0)
+    is_poison = np.zeros(2000, bool)
+    is_poison[(labels == 2) & (np.arange(2000) % 5 == 0)] = True
+    feats[is_poison, 5] += 6.0
+    losses = rng.uniform(0.5, 2.0, 2000) - 0.4 * is_poison
+    rows, summary = probe(feats, labels, is_poison, losses, target=2, rate=0.2)   # removes 1.5 x 20%
+    by = {r["label"]: r for r in rows}
+    assert by[2]["poisons"] == 100 and by[2]["tran_recall"] >= 95 and by[2]["tran_s1_s2"] > 3
+    assert by[2]["ac_recall"] >= 95 and by[2]["ac_precision"] >= 90 and by[2]["ac_small_share"] < 30
+    assert all(by[lab]["poisons"] == 0 and by[lab]["tran_recall"] == 0 for lab in (0, 1, 3))
+    assert summary["loss_auroc_target"] > 60
