@@ -104,16 +104,15 @@ def main():
     import keras
     import numpy as np
 
-    from tfbackdoor import atomic, detector, signature, victim
+    from tfbackdoor import atomic, defend, detector, victim
 
     det = detector.load(a.detector)
     thr = detector.spec_of(det).threshold if a.threshold is None else a.threshold
     x, y = detector.load_eval_images(det, a.dataset, limit=a.limit, seed=a.seed, with_labels=True)
     trig = victim.resolve_trigger(a.attack, x.shape[1])
-    x_p, y_p, idx = victim.poison(x, y, trig, a.rate, a.target, a.seed)
-    scores = np.asarray(detector.score(det, x_p))
-    feats_in = signature.features(x_p) if a.signature and a.suspect_top else None
-    keep = ~signature.screen(scores, y_p, thr, a.remove_top, a.suspect_top, feats_in)[0]
+    x_p, y_p, idx, flags, _ = defend.poison_and_screen(x, y, trig, det, thr, a.rate, a.target, a.seed, a.remove_top,
+                                                       a.suspect_top, a.signature)
+    keep = ~flags
     side = json.loads(victim.sidecar_path(a.victim).read_text())
     if side.get("train_sha256") != victim.data_fingerprint(x_p[keep], y_p[keep]):
         sys.exit(f"{a.victim}: was not trained on the set these options make (train_sha256 differs)")

@@ -51,6 +51,19 @@ def screen_flags(scores, threshold, remove_top=0.0, labels=None, suspect_top=0.0
     return signature.screen(scores, labels, threshold, remove_top, suspect_top, feats)[0]
 
 
+def poison_and_screen(x, y, trigger, detector, threshold, rate=0.1, target=0, seed=0, remove_top=0.0,
+                      suspect_top=0.0, use_signature=False):
+    """The poisoned set of one attack and its screen, as :func:`defend` makes them:
+    ``(x_p, y_p, poisoned_idx, flags, info)`` (:func:`tfbackdoor.victim.poison`, then
+    :func:`tfbackdoor.signature.screen` of the detector's scores at ``threshold``). The sanitised
+    set a victim trains on is ``x_p[~flags], y_p[~flags]``."""
+    x_p, y_p, idx = victim.poison(x, y, trigger, rate, target, seed)
+    scores = np.asarray(detector_mod.score(detector, x_p))
+    feats = signature.features(x_p) if use_signature and suspect_top else None
+    flags, info = signature.screen(scores, y_p, threshold, remove_top, suspect_top, feats)
+    return x_p, y_p, idx, flags, info
+
+
 def scan_report(flags, poisoned_idx) -> dict:
     """Recall / precision of ``flags`` on the known poisoned indices, and the clean share removed (percent)."""
     flags = np.asarray(flags, bool)
@@ -112,10 +125,8 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
         echo(f"  clean ACC {ref_acc:.2f}%")
     rows = []
     for trig in trigs:
-        x_p, y_p, idx = victim.poison(x, y, trig, rate, target, seed)
-        scores = np.asarray(detector_mod.score(detector, x_p))
-        feats = signature.features(x_p) if use_signature and suspect_top else None
-        flags, info = signature.screen(scores, y_p, thr, remove_top, suspect_top, feats)
+        x_p, y_p, idx, flags, info = poison_and_screen(x, y, trig, detector, thr, rate, target, seed, remove_top,
+                                                       suspect_top, use_signature)
         report = scan_report(flags, idx)
         report["suspect_labels"] = info["suspect_labels"]
         # each label's signature strength and method (with use_signature), to see how far a label stood out
