@@ -800,14 +800,16 @@ def poison_cmd(dataset, trigger, rate, target, out, limit, image_size, seed):
 @click.option("--limit", type=int, default=None, help="Seeded subset.")
 @click.option("--image-size", type=int, default=None, help="Resize images to this side.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--detector", "detector_path", type=click.Path(), default=None,
-              help="Screen inputs with this detector first: also report the ASR on inputs it lets through.")
+@click.option("--detector", "detector_paths", type=click.Path(), multiple=True,
+              help="Screen inputs with this detector first: also report the ASR on inputs it lets through. "
+                   "Repeatable: an input is then rejected when any of the detectors flags it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (attack, target, acc, asr, n, n_clean).")
 @click.option("--out", type=click.Path(), default=None, help="Also write the JSON to this file.")
 @handle_errors
-def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, seed, detector_path, as_json, out):
+def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, seed, detector_paths, as_json, out):
     """Clean accuracy and attack success rate (ASR) of a victim for a trigger and target."""
-    _check([dataset], triggers=[trigger], files=[(model_path, "model file"), (detector_path, "detector file")],
+    _check([dataset], triggers=[trigger],
+           files=[(model_path, "model file")] + [(p, "detector file") for p in detector_paths],
            limits=[(limit, "--limit")], outs=[(out, "--out")])
     _quiet_tf()
     from tfbackdoor import atomic, data, victim
@@ -817,16 +819,20 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
     x, y = data.load_arrays(dataset, image_size=image_size, limit=limit, seed=seed)
     trig = victim.resolve_trigger(trigger, x.shape[1])
     screen = None
-    if detector_path:
+    if detector_paths:
         from tfbackdoor import detector, metrics
 
-        det = detector.load(detector_path)
-        thr = detector.spec_of(det).threshold
-        screen = lambda imgs: metrics.flagged(detector.score(det, imgs), thr)  # noqa: E731
+        def detector_screen(path):
+            det = detector.load(path)
+            thr = detector.spec_of(det).threshold
+            return lambda imgs: metrics.flagged(detector.score(det, imgs), thr)
+
+        screen = victim.any_screen(*[detector_screen(p) for p in detector_paths])
     row = victim.attack_eval(model, x, y, trig, target, name=model_path, screen=screen)
     row = {"model": str(model_path), "dataset": dataset, **row}
-    if detector_path:
-        row["detector"] = str(detector_path)
+    detector_path = ",".join(str(p) for p in detector_paths)
+    if detector_paths:
+        row["detector"] = detector_path
     if out:
         atomic.write_json(row, out)
     if as_json:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -203,3 +204,50 @@ def test_train_victim_and_attack_eval_cli_end_to_end(lossless, tmp_path):
                                   "--test-dataset", "none", "--epochs", "1", "--poison", "badnets",
                                   "--target", "10", "--out", str(tmp_path / "bad.keras")])
     assert r.exit_code == 2 and "target label 10" in r.output
+
+
+def test_any_screen_rejects_the_union(rng):
+    """Two screens in front of one model: an input goes when either rejects it."""
+    model = badnets_detector_model()
+    x = rng.integers(0, 200, (40, 32, 32, 3), dtype=np.uint8)
+    y = np.array([0] * 30 + [1] * 10)
+    t = triggers.get("badnets")
+
+    def white_square(imgs):                 # rejects every BadNets-patched image, no clean one
+        return np.asarray(imgs)[:, 27:31, 27:31, :].min(axis=(1, 2, 3)) == 255
+
+    def odd(imgs):                          # rejects every second image, patched or not
+        return np.arange(len(imgs)) % 2 == 1
+
+    alone = victim.attack_eval(model, x, y, t, target=1, screen=odd)
+    both = victim.attack_eval(model, x, y, t, target=1, screen=victim.any_screen(odd, white_square))
+    assert alone["asr_screened"] == 50.0 and alone["fpr"] == 50.0
+    assert both["asr_screened"] == 0.0 and both["bdr"] == 100.0
+    assert both["fpr"] == 50.0              # white_square adds no clean rejection to odd's
+    assert victim.any_screen(odd)(x).tolist() == odd(x).tolist()
+    with pytest.raises(ValueError):
+        victim.any_screen()
+
+
+def test_attack_eval_cli_with_two_detectors_screens_their_union(data_dir, tmp_path):
+    """--detector twice: the triggered inputs rejected are at least each detector's, ASR behind at most each's."""
+    root = Path(__file__).resolve().parent.parent / "saved_models"
+    a, b = root / "detector_cifar10.keras", root / "detector_cifar10_smooth_tuned.keras"
+    vic = root / "victim_cifar10_smooth_backdoored.keras"
+    if not all(p.is_file() for p in (a, b, vic)):
+        pytest.skip("needs the shipped detectors and smooth-backdoored victim in saved_models/")
+    base = ["attack-eval", "--model", str(vic), "--trigger", f"smooth:{root / 'smooth_cifar10.npy'}", "--target", "6",
+            "--dataset", "cifar10:test", "--limit", "120", "--json"]
+    rows = []
+    for dets in ([a], [b], [a, b]):
+        r = CliRunner().invoke(main, base + [arg for d in dets for arg in ("--detector", str(d))])
+        assert r.exit_code == 0, r.output
+        rows.append(json.loads(r.output))
+    ra, rb, both = rows
+    assert both["detector"] == f"{a},{b}"
+    assert both["bdr"] >= max(ra["bdr"], rb["bdr"]) and both["fpr"] >= max(ra["fpr"], rb["fpr"])
+    assert both["asr_screened"] <= min(ra["asr_screened"], rb["asr_screened"])
+    assert both["asr"] == ra["asr"] == rb["asr"] > 50          # the screen does not change the victim
+    assert rb["bdr"] > 50 > ra["bdr"]                          # only the smooth-tuned detector sees this trigger
+    r = CliRunner().invoke(main, base + ["--detector", str(a), "--detector", str(tmp_path / "nope.keras")])
+    assert r.exit_code == 2 and "nope.keras" in r.output and "detector file not found" in r.output

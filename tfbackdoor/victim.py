@@ -209,6 +209,25 @@ def attack_eval(model, x, y, trigger, target, batch_size=256, name=None, screen=
     return row
 
 
+def any_screen(*screens):
+    """One screen from several: an input is rejected when *any* of ``screens`` rejects it.
+
+    Each screen is a callable as in :func:`attack_eval` (uint8 images -> boolean array, True =
+    rejected). Two specialist detectors in front of one model (e.g. the general detector and the
+    smooth-tuned one) reject the union of what each rejects, so the clean inputs rejected add up too.
+    """
+    if not screens:
+        raise ValueError("any_screen needs at least one screen")
+
+    def screen(imgs):
+        out = np.asarray(screens[0](imgs), bool)
+        for s in screens[1:]:
+            out = out | np.asarray(s(imgs), bool)
+        return out
+
+    return screen
+
+
 # -------------------------------------------------------------------------------- training
 
 class _EpochReport(keras.callbacks.Callback):
@@ -375,6 +394,6 @@ def train_victim(x, y, out, epochs: int = 30, batch_size: int = 128, poison=None
     return model, history
 
 
-__all__ = ["build_victim", "load", "save", "predict", "poison", "save_poisoned_npz", "apply_trigger", "resolve_trigger", "train_victim",
+__all__ = ["build_victim", "load", "save", "predict", "poison", "save_poisoned_npz", "apply_trigger", "resolve_trigger", "train_victim", "any_screen",
            "data_fingerprint", "reusable",
            "attack_eval", "check_model_fits", "check_target", "num_classes"]
