@@ -820,14 +820,9 @@ def attack_eval_cmd(model_path, trigger, target, dataset, limit, image_size, see
     trig = victim.resolve_trigger(trigger, x.shape[1])
     screen = None
     if detector_paths:
-        from tfbackdoor import detector, metrics
+        from tfbackdoor import detector
 
-        def detector_screen(path):
-            det = detector.load(path)
-            thr = detector.spec_of(det).threshold
-            return lambda imgs: metrics.flagged(detector.score(det, imgs), thr)
-
-        screen = victim.any_screen(*[detector_screen(p) for p in detector_paths])
+        screen = victim.any_screen(*[detector.screen(detector.load(p)) for p in detector_paths])
     row = victim.attack_eval(model, x, y, trig, target, name=model_path, screen=screen)
     row = {"model": str(model_path), "dataset": dataset, **row}
     detector_path = ",".join(str(p) for p in detector_paths)

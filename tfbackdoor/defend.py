@@ -106,7 +106,7 @@ def defend(x, y, test, attacks, detector, out_dir, rate=0.1, target=0, threshold
     x_test, y_test = test
     size = x.shape[1]
     trigs = [victim.resolve_trigger(a, size) for a in attacks]
-    det_screen = lambda imgs: detector_mod.score(detector, imgs) > detector_mod.spec_of(detector).threshold  # noqa: E731
+    det_screen = detector_mod.screen(detector)
     common = dict(epochs=epochs, batch_size=batch_size, seed=seed, width=width, arch=arch)
 
     def train(xs, ys, path, info=None):

@@ -37,7 +37,7 @@ from .provenance import _set_exclusions, _split_manifest, exclusions, manifest_p
 from .provenance import MANIFEST_FORMAT, MANIFEST_MIN_IDS, excluded_ids  # noqa: F401
 from .reference import load_reference  # noqa: F401
 from .scoring import (_score_fn, evaluate_dataset, evaluate_images, evaluate_sets, load_eval_images,  # noqa: F401
-                      scan, score, to_inputs)
+                      scan, score, screen, to_inputs)
 
 # saved_models/ of the source tree, or the copy installed in the package by `pip install .` (issue 15 item 13).
 DEFAULT_DETECTOR = specs.shipped_model("detector_cifar10.keras")

@@ -64,6 +64,14 @@ def score(model, images, batch_size=256) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
+def screen(model, threshold=None):
+    """A screen for :func:`tfbackdoor.victim.attack_eval`: a callable taking uint8 images and
+    returning True for those the detector flags (:func:`score` above ``threshold``, default the
+    detector's own)."""
+    thr = spec_of(model).threshold if threshold is None else float(threshold)
+    return lambda images: metrics.flagged(score(model, images), thr)
+
+
 def load_eval_images(model, dataset, limit=None, seed=0, also=(), with_labels=False):
     """``limit`` seeded images of ``dataset`` at the detector's size that it was not fine-tuned or
     calibrated on (numpy; fewer only when the dataset has fewer left). ``also``: more detectors
